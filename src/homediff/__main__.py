@@ -1,0 +1,5 @@
+import sys
+
+from homediff.cli import main
+
+sys.exit(main())
