@@ -1,0 +1,166 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from homediff.errors import ConfigError
+from homediff.models import XUT, XUTConfig, load_hdm_checkpoint
+from homediff.models.flops import forward_flops
+from homediff.models.rope import camera, canonical_grid
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tiny(**overrides):
+    base = dict(in_channels=4, ctx_dim=16, dim=64, head_dim=16, mlp_dim=96, depth=2,
+                enc_blocks=1, dec_blocks=2, tread_pre_blocks=1, tread_post_blocks=1)
+    return XUT(XUTConfig(**{**base, **overrides}))
+
+
+def perturb(model, scale=0.05):
+    """Give zero-initialised layers weights, as after some training."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def inputs(batch=2, h=8, w=12, text=5, ctx_dim=16):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 4, h, w, generator=g), torch.rand(batch, generator=g),
+            torch.randn(batch, text, ctx_dim, generator=g))
+
+
+def test_reproduces_the_original_implementation(official_small):
+    meta = json.loads((official_small / "meta.json").read_text())
+    io = load_file(official_small / "io.safetensors")
+    model = load_hdm_checkpoint(official_small / "model.safetensors", meta["config"])
+    assert model.num_parameters() == meta["params"]
+    assert len(model.state_dict()) == meta["keys"]
+    with torch.no_grad():
+        out = model(io["x"], io["t"], io["ctx"], aspect=io["addon_info"])
+        assert rel_err(out, io["out_default"]) < 1e-5
+        out = model(io["x"], io["t"], io["ctx"], pos_map=io["pos_camera"], aspect=io["addon_info"])
+        assert rel_err(out, io["out_camera"]) < 1e-5
+    for key in ("axial_pos_2x4", "axial_pos_5x3", "axial_pos_4x4"):
+        h, w = map(int, key.rsplit("_", 1)[1].split("x"))
+        assert torch.equal(canonical_grid(h, w), io[key])
+    h, w = meta["latent_hw"]
+    grid = canonical_grid(h, w).expand(2, -1, -1)
+    assert torch.equal(camera(grid, **meta["camera"]), io["pos_camera"])
+
+
+@pytest.mark.parametrize("name,count", [("xut-small", 237_290_128), ("xut-base", 343_176_208),
+                                        ("xut-large", 555_628_816)])
+def test_preset_sizes_match_the_report(name, count):
+    with torch.device("meta"):
+        assert XUT.from_preset(name).num_parameters() == count
+
+
+def test_base_preset_equals_released_arch():
+    released = {"patch_size": 2, "input_dim": 4, "dim": 1024, "ctx_dim": 1024, "ctx_size": 256,
+                "heads": 16, "dim_head": 64, "mlp_dim": 3072, "depth": 4, "enc_blocks": 1,
+                "dec_blocks": 3, "addon_info_embs_dim": 1,
+                "tread_config": {"prev_trns_depth": 1, "post_trns_depth": 3, "dropout_ratio": 0.5}}
+    imported = XUTConfig.from_hdm_config(released)
+    assert imported == XUTConfig.preset("xut-base", rope_init="hdm")
+    with torch.device("meta"):
+        keys = XUT(imported).state_dict().keys()
+    assert len(keys) == 255
+    assert "backbone.dec_blocks.3.0.xattn.kv.weight" in keys
+    assert "post_tread_trns.blocks.2.mlp.w12.bias" in keys
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="model.skip"):
+        XUTConfig(skip="sideways")
+    with pytest.raises(ConfigError, match="head_dim"):
+        XUTConfig(dim=100, head_dim=64)
+    with pytest.raises(ConfigError, match="colour"):
+        XUTConfig.from_dict({"colour": 1})
+    with pytest.raises(ConfigError, match="double_t"):
+        XUTConfig.from_hdm_config({"double_t": True})
+
+
+def test_output_shape_and_input_checks():
+    model = tiny().eval()
+    x, t, ctx = inputs()
+    assert model(x, t, ctx).shape == x.shape
+    with pytest.raises(ValueError, match="patch size"):
+        model(x[..., :11], t, ctx)
+    with pytest.raises(ValueError, match="pos_map"):
+        model(x, t, ctx, pos_map=torch.zeros(2, 10, 2))
+
+
+def test_routing_rate_semantics():
+    torch.manual_seed(0)
+    model = perturb(tiny())
+    x, t, ctx = inputs()
+    model.eval()
+    with torch.no_grad():
+        full = model(x, t, ctx)
+        assert torch.equal(model(x, t, ctx, tread_rate=0), full)
+        routed = model(x, t, ctx, tread_rate=0.5, generator=torch.Generator().manual_seed(3))
+        again = model(x, t, ctx, tread_rate=0.5, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(routed, again)
+        assert rel_err(routed, full) > 1e-3
+        model.train()
+        assert torch.equal(model(x, t, ctx, tread_rate=0), full)
+        trained = model(x, t, ctx, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(trained, routed)  # training mode routes at the configured 0.5
+
+
+def test_skip_wirings_differ_and_train():
+    torch.manual_seed(0)
+    last = perturb(tiny(skip="last"))
+    mirror = tiny(skip="mirror")
+    mirror.load_state_dict(last.state_dict())
+    x, t, ctx = inputs()
+    outs = []
+    for model in (last, mirror):
+        out = model(x, t, ctx, generator=torch.Generator().manual_seed(0))
+        out.square().mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        outs.append(out.detach())
+    assert rel_err(outs[0], outs[1]) > 1e-3
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_reach_every_parameter_from_the_default_init(checkpointing):
+    torch.manual_seed(0)
+    model = tiny(gradient_checkpointing=checkpointing).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, t, ctx = inputs()
+    target = torch.randn_like(x)
+    for step in range(4):  # zero-initialised layers open up one per step: output, adaLN, aspect
+        opt.zero_grad()
+        loss = (model(x, t, ctx, generator=torch.Generator().manual_seed(step)) - target).square().mean()
+        loss.backward()
+        opt.step()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = perturb(tiny()).train()
+    ckpt = tiny(gradient_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, ctx = inputs()
+    for model in (plain, ckpt):
+        model(x, t, ctx, generator=torch.Generator().manual_seed(0)).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_flops_follow_the_routed_token_count():
+    config = XUTConfig(dim=256, ctx_dim=128, head_dim=64, mlp_dim=768, depth=2, dec_blocks=2,
+                       tread_post_blocks=1)
+    full = forward_flops(config, 32, 32, 256, 0.0)
+    routed = forward_flops(config, 32, 32, 256, 0.5)
+    assert 0.7 < routed / full < 0.85
+    bigger = forward_flops(config, 64, 64, 256, 0.0)
+    assert bigger > 3 * full
