@@ -52,8 +52,7 @@ def test_rope_is_identity_at_origin_and_preserves_norms():
     x = torch.randn(2, 5, 4, 32)
     pos = torch.randn(2, 5, 2)
     pos[:, 0] = 0
-    cos, sin = rope.cos_sin(pos, x.dtype)
-    y = rotate(x, cos, sin)
+    y = rotate(x, rope.rotation(pos))
     assert torch.equal(y[:, 0], x[:, 0])
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
     assert not torch.allclose(y[:, 1:], x[:, 1:])
@@ -61,7 +60,8 @@ def test_rope_is_identity_at_origin_and_preserves_norms():
 
 def test_rope_pair_layout_alternates_y_and_x():
     rope = AxialRoPE(heads=1, head_dim=8, init="hdm")
-    cos, sin = rope.cos_sin(torch.tensor([[[0.5, 0.0]]]), torch.float32)
+    rotation = rope.rotation(torch.tensor([[[0.5, 0.0]]]))
+    cos, sin = rotation.real, rotation.imag
     angle = 0.5 * math.pi
     # Pairs 0 and 2 turn with y, pairs 1 and 3 with x (here 0).
     assert torch.allclose(cos[0, 0, 0], torch.tensor([math.cos(angle), 1, math.cos(angle), 1]), atol=1e-6)

@@ -107,14 +107,16 @@ class AxialRoPE(nn.Module):
             raise ValueError(f"unknown RoPE init {init!r}: use 'spaced' or 'hdm'")
         self.freqs = nn.Parameter(log_freqs.view(1, slots, 1).repeat(heads, 1, 2))
 
-    def cos_sin(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotation of every channel pair for positions (B, N, 2): cos, sin of shape (B, N, H, Dh/2)."""
-        angles = (pos[:, :, None, None, :] * self.freqs.exp()).flatten(-2).to(dtype)
-        return angles.cos(), angles.sin()
+    def rotation(self, pos: torch.Tensor) -> torch.Tensor:
+        """Unit complex rotations of every channel pair for positions (B, N, 2): (B, N, H, Dh/2)."""
+        angles = (pos[:, :, None, None, :].float() * self.freqs.float().exp()).flatten(-2)
+        return torch.polar(torch.ones_like(angles), angles)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (..., Dh) by the angles whose cos/sin are (..., Dh/2)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (..., Dh) by ``rotation`` (..., Dh/2), in float32.
+
+    One complex multiplication: (a + ib)·e^{iθ} = (a cos θ − b sin θ) + i(b cos θ + a sin θ).
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

@@ -1,0 +1,123 @@
+"""Backbone speed: forward and training-step images/s with routing at 0.5 and 0, FLOPs and FLOP/s.
+
+    python benchmarks/model_step.py --preset xut-tiny --batch 8 --size 32 --text-tokens 32
+    python benchmarks/model_step.py --hdm-config benchmarks/archs/bench-256.json --batch 8 \
+        --size 32 --text-tokens 32 [--original DIR]
+
+--original DIR times the original HDM implementation too (DIR holds its ``xut`` package, e.g. the
+``src`` folder of a checkout of the HDM repository; needs an --hdm-config). Variants are timed in
+interleaved rounds and the median is reported, so that load on a shared machine hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from homediff.models import XUT, XUTConfig
+from homediff.models.flops import forward_flops
+
+
+def original_model(source: Path, arch: dict):
+    sys.path.insert(0, str(source))
+    import xut.env as env  # the original's switches: pure-torch kernels, no compilation
+
+    env.TORCH_COMPILE = env.USE_LIGER = env.USE_XFORMERS = env.USE_XFORMERS_LAYERS = False
+    from xut.xut import XUDiT
+
+    return XUDiT(**arch)
+
+
+def make_step(model, original: bool, rate: float, train: bool, batch, size, text, ctx_dim, in_ch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_ch, size, size, generator=g)
+    t = torch.rand(batch, generator=g)
+    ctx = torch.randn(batch, text, ctx_dim, generator=g)
+    aspect = torch.zeros(batch)
+    target = torch.randn_like(x)
+    if original:  # tread_rate=None in eval mode is the original's only way to route nothing
+        kwargs = dict(addon_info=aspect, tread_rate=rate or None)
+    else:
+        kwargs = dict(aspect=aspect, tread_rate=rate)
+    model.eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+
+    def step():
+        if not train:
+            with torch.no_grad():
+                model(x, t, ctx, **kwargs)
+            return
+        loss = (model(x, t, ctx, **kwargs) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--preset", default="xut-tiny")
+    parser.add_argument("--hdm-config", type=Path, help="original arch JSON (overrides --preset)")
+    parser.add_argument("--original", type=Path, help="folder holding the original `xut` package")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=32, help="latent height and width")
+    parser.add_argument("--text-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    arch = json.loads(args.hdm_config.read_text()) if args.hdm_config else None
+    config = XUTConfig.from_hdm_config(arch) if arch else XUTConfig.preset(args.preset)
+    impls = {"homediff": XUT(config)}
+    if args.original:
+        if arch is None:
+            parser.error("--original needs --hdm-config")
+        impls["original"] = original_model(args.original, arch)
+    dims = (args.batch, args.size, args.text_tokens, config.ctx_dim, config.in_channels)
+    variants = {(name, mode, rate): make_step(model, name == "original", rate, mode == "train", *dims)
+                for name, model in impls.items() for mode in ("forward", "train")
+                for rate in (0.0, 0.5)}
+    times = {key: [] for key in variants}
+    for round_ in range(args.warmup + args.rounds):
+        for key, step in variants.items():
+            start = time.perf_counter()
+            step()
+            if round_ >= args.warmup:
+                times[key].append(time.perf_counter() - start)
+
+    name = args.hdm_config.name if args.hdm_config else args.preset
+    print(f"# {name}: {XUT(config).num_parameters():,} parameters, batch {args.batch}, latent "
+          f"{args.size}x{args.size}, {args.text_tokens} text tokens, {args.threads} threads, "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print("# " + " ".join(sys.argv))
+    print("| implementation | step | routing | ms/step | images/s | GFLOP/image | GFLOP/s | vs rate 0 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (impl, mode, rate), samples in times.items():
+        seconds = statistics.median(samples)
+        flops = forward_flops(config, args.size, args.size, args.text_tokens, rate)
+        flops *= 3 if mode == "train" else 1
+        base = statistics.median(times[(impl, mode, 0.0)])
+        print(f"| {impl} | {mode} | {rate} | {seconds * 1e3:.1f} | {args.batch / seconds:.1f} | "
+              f"{flops / 1e9:.3f} | {flops * args.batch / seconds / 1e9:.1f} | {seconds / base:.2f} |")
+    if args.original:
+        for mode in ("forward", "train"):
+            for rate in (0.0, 0.5):
+                ratio = statistics.median(times[("original", mode, rate)]) / statistics.median(
+                    times[("homediff", mode, rate)])
+                print(f"speed-up over the original, {mode}, routing {rate}: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
