@@ -1,0 +1,23 @@
+"""Optional dependencies of the data package, imported where used, with an install hint."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from homediff.errors import HomediffError
+
+
+class MissingDependency(HomediffError, ImportError):
+    """An optional package is not installed; the message says which extra brings it."""
+
+
+def require(module: str, extra: str, package: str | None = None) -> ModuleType:
+    """Import ``module`` or raise MissingDependency naming ``pip install 'homediff[extra]'``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        name = package or module.split(".")[0]
+        raise MissingDependency(
+            f"this needs the Python package {name!r}, which is not installed: "
+            f"pip install 'homediff[{extra}]'") from err

@@ -1,0 +1,192 @@
+"""Folder datasets in the kohya layout: images with same-stem ``.txt`` captions, found recursively.
+
+A sub-folder named ``N_name`` (N a positive integer) repeats the images below it N times (the
+nearest such folder counts). Hidden files and folders are ignored. The index is cached in the user
+cache folder (``$XDG_CACHE_HOME/homediff/index``, else ``~/.cache/...``), keyed by the folder's
+absolute path, and rebuilt when any folder's modification time changes (a file added or removed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from homediff.data.problems import BadSample, ProblemLog
+from homediff.data.transform import DataConfig, make_sample, sample_seed
+from homediff.errors import HomediffError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CACHE_VERSION = 1
+_REPEAT = re.compile(r"^(\d+)_.")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An image (path relative to the root), its caption file (or None) and its repeat count."""
+
+    image: str
+    caption: str | None
+    repeats: int
+
+
+def _walk(root: Path) -> tuple[list[Entry], dict[str, int]]:
+    """Scan ``root`` recursively: entries, and each folder's mtime (ns) for cache validation."""
+    entries: list[Entry] = []
+    mtimes: dict[str, int] = {}
+    visited: set[tuple[int, int]] = set()  # (device, inode): symlinked folders are followed once
+    pending = [("", 1)]
+    while pending:
+        rel, repeats = pending.pop()
+        folder = root / rel
+        info = folder.stat()
+        if (info.st_dev, info.st_ino) in visited:
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        mtimes[rel] = info.st_mtime_ns
+        images, texts = [], set()
+        with os.scandir(folder) as scan:
+            for item in scan:
+                if item.name.startswith("."):
+                    continue
+                if item.is_dir():
+                    match = _REPEAT.match(item.name)
+                    count = int(match.group(1)) if match and int(match.group(1)) > 0 else repeats
+                    pending.append((f"{rel}{item.name}/", count))
+                    continue
+                stem, ext = os.path.splitext(item.name)
+                if ext.lower() in IMAGE_EXTENSIONS:
+                    images.append((stem, item.name))
+                elif ext == ".txt":
+                    texts.add(stem)
+        for stem, name in sorted(images):
+            caption = f"{rel}{stem}.txt" if stem in texts else None
+            entries.append(Entry(rel + name, caption, repeats))
+    entries.sort(key=lambda e: e.image)
+    return entries, mtimes
+
+
+def _cache_valid(root: Path, mtimes: dict[str, int]) -> bool:
+    try:
+        return all((root / rel).stat().st_mtime_ns == t for rel, t in mtimes.items())
+    except OSError:
+        return False
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "homediff" / "index"
+
+
+def scan_folder(root: str | Path, cache: bool | str | Path = True) -> list[Entry]:
+    """Every image under ``root`` with its caption file and repeat count, sorted by path.
+
+    ``cache``: True (the default cache folder), a folder to keep index files in, or False.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise HomediffError(f"{root}: not a folder; give the folder that holds the images")
+    if not cache:
+        return _walk(root)[0]
+    folder = default_cache_dir() if cache is True else Path(cache)
+    cache_path = folder / (hashlib.sha1(str(root).encode()).hexdigest()[:20] + ".json")
+    if cache_path.is_file():
+        try:
+            stored = json.loads(cache_path.read_text())
+            if (stored["version"] == CACHE_VERSION and stored["root"] == str(root)
+                    and _cache_valid(root, stored["mtimes"])):
+                return [Entry(*item) for item in stored["entries"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.info("%s: index cache unreadable, rebuilding it", cache_path)
+    entries, mtimes = _walk(root)
+    _write_cache(cache_path, root, entries, mtimes)
+    return entries
+
+
+def _write_cache(path: Path, root: Path, entries: list[Entry], mtimes: dict[str, int]) -> None:
+    data = {"version": CACHE_VERSION, "root": str(root), "mtimes": mtimes,
+            "entries": [[e.image, e.caption, e.repeats] for e in entries]}
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(data, separators=(",", ":")))
+        os.replace(temporary, path)
+    except OSError as err:  # no writable cache folder: works, without the cache
+        logger.info("%s: cannot write the index cache (%s)", path, err)
+        temporary.unlink(missing_ok=True)
+
+
+def read_entry(root: Path, entry: Entry) -> tuple[bytes, bytes | None]:
+    """Image and caption bytes of an entry; an OSError becomes BadSample("unreadable")."""
+    try:
+        image = (root / entry.image).read_bytes()
+        caption = (root / entry.caption).read_bytes() if entry.caption else None
+    except OSError as err:
+        raise BadSample("unreadable", f"cannot read the file ({err.strerror or err})") from None
+    return image, caption
+
+
+class FolderDataset(Dataset):
+    """A map-style dataset over a folder (see the module docstring); items are sample dicts.
+
+    Index ``k`` is sample ``k mod len`` in epoch ``k // len`` (``EpochSampler`` yields such
+    indices), and its random choices are seeded from (seed, epoch, sample), so crops differ per
+    epoch and repeat exactly for any number of workers. A sample that must be skipped is replaced
+    by another one drawn at random; ``max_tries`` failures in a row raise an error.
+    """
+
+    def __init__(self, root: str | Path, config: DataConfig | None = None, seed: int = 0,
+                 cache: bool | str | Path = True, max_tries: int = 50):
+        self.root = Path(root)
+        self.config = config or DataConfig()
+        self.seed, self.max_tries = seed, max_tries
+        self.entries = scan_folder(self.root, cache)
+        if not self.entries:
+            raise HomediffError(f"{self.root}: no images found (looked for "
+                                f"{', '.join(IMAGE_EXTENSIONS)} files, recursively)")
+        self._ends = np.cumsum([e.repeats for e in self.entries])
+        self.problems = ProblemLog()
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def entry(self, index: int) -> int:
+        """The entry that sample ``index`` (0 ≤ index < len) shows."""
+        return int(np.searchsorted(self._ends, index, side="right"))
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, index = divmod(int(index), len(self))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        target = self.entry(index)
+        skipped: list[str] = []
+        for _ in range(self.max_tries):
+            if target not in self._bad:
+                entry = self.entries[target]
+                path = str(self.root / entry.image)
+                try:
+                    sample, notes = make_sample(*read_entry(self.root, entry), path, self.config,
+                                                generator)
+                except BadSample as bad:
+                    self.problems.note(path, bad.kind, bad.detail, skipped=True)
+                    self._bad.add(target)
+                    skipped.append(bad.kind)
+                else:
+                    for kind, detail in notes:
+                        self.problems.note(path, kind, detail)
+                    sample["problems"] = skipped + [kind for kind, _ in notes]
+                    return sample
+            target = int(torch.randint(0, len(self.entries), (1,), generator=generator))
+        raise HomediffError(
+            f"{self.root}: {self.max_tries} unusable images in a row ({len(self._bad)} so far); "
+            f"run `homediff data check {self.root}` to list the problems")

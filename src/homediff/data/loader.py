@@ -1,0 +1,140 @@
+"""Batches: collate, the epoch sampler, the DataLoader factory and the horizontal flip."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
+
+from homediff.errors import ConfigError, HomediffError
+
+
+def hflip(image: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror a (3, H, W) crop and its (H·W, 2) position map.
+
+    The mirrored crop is the window of the mirrored full image, whose grid is the same canonical
+    grid: columns are reversed and x is negated, so x still increases to the right.
+    """
+    height, width = image.shape[-2:]
+    grid = pos.view(height, width, 2).flip(1)
+    grid = grid * grid.new_tensor([1.0, -1.0])
+    return image.flip(-1), grid.reshape(-1, 2)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; in a loader worker, straight into shared memory (saves a copy on the way)."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+    out = first.new(storage).view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples into a batch.
+
+    image (B, 3, H, W) in [−1, 1]; pos (B, H·W, 2) (y, x); aspect (B,) = ln(W/H) of the full images;
+    caption and key: lists; problems: counts of the skips and fixes behind this batch; state: the
+    stream position after this batch (shard datasets only).
+    """
+    shapes = {tuple(s["image"].shape) for s in samples}
+    if len(shapes) > 1:
+        raise HomediffError(f"images in one batch differ in size {sorted(shapes)}: crop mode "
+                            "'none' needs batch size 1 or images of one aspect ratio")
+    problems: Counter[str] = Counter()
+    for sample in samples:
+        problems.update(sample.get("problems", ()))
+    batch = {
+        "image": _stack([s["image"] for s in samples]),
+        "pos": _stack([s["pos"] for s in samples]),
+        "aspect": torch.tensor([s["aspect"] for s in samples], dtype=torch.float32),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "problems": dict(problems),
+    }
+    if "state" in samples[-1]:
+        batch["state"] = samples[-1]["state"]
+    return batch
+
+
+def distributed_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): as given, else torch.distributed's, else RANK/WORLD_SIZE, else (0, 1)."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is outside a world of {world_size} processes")
+    return rank, world_size
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of a map-style dataset, a new permutation each epoch, split across ranks.
+
+    Yields ``epoch · n + i`` so that the dataset (even in persistent workers) knows the epoch and
+    draws fresh crops. Each rank gets ``n // world_size`` indices, disjoint across ranks. The order
+    depends only on (seed, epoch), so ``set_epoch(epoch, start)`` resumes inside an epoch.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int | None = None,
+                 world_size: int | None = None, epoch: int = 0):
+        self.n, self.seed, self.shuffle, self.epoch, self.start = n, seed, shuffle, epoch, 0
+        self.rank, self.world_size = distributed_rank(rank, world_size)
+        if n < self.world_size:
+            raise ConfigError(f"{n} samples cannot be split across {self.world_size} ranks")
+
+    def __len__(self) -> int:
+        """Indices the next epoch yields on this rank."""
+        return self.n // self.world_size - self.start
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Make the next pass epoch ``epoch``, skipping its first ``start`` indices of this rank."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        per_rank = self.n // self.world_size
+        mine = order[self.rank:per_rank * self.world_size:self.world_size][self.start:]
+        offset = self.epoch * self.n
+        self.epoch, self.start = self.epoch + 1, 0
+        return iter((mine + offset).tolist())
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed Python's and NumPy's generators from the worker's torch seed (set per worker)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset, batch_size: int, workers: int = 2, seed: int = 0, shuffle: bool = True,
+                persistent_workers: bool = True, drop_last: bool = True, pin_memory: bool = False,
+                prefetch_factor: int | None = None, rank: int | None = None,
+                world_size: int | None = None) -> DataLoader:
+    """A DataLoader over a folder or shard dataset.
+
+    Map-style datasets get an ``EpochSampler`` (seeded shuffle, split across ranks); shard datasets
+    split themselves. Workers each get their own seed; batches are always full (``drop_last``).
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    sampler = None
+    if not isinstance(dataset, IterableDataset):
+        sampler = EpochSampler(len(dataset), seed, shuffle, rank, world_size)
+    options = {}
+    if workers > 0:
+        options.update(persistent_workers=persistent_workers, worker_init_fn=seed_worker,
+                       prefetch_factor=prefetch_factor)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed), **options)
