@@ -1,0 +1,338 @@
+"""HomeDiffPipeline: prompt → text encoder → sampler over the XUT with guidance → autoencoder → images.
+
+Call conventions follow diffusers::
+
+    pipe = HomeDiffPipeline.from_pretrained("my-model")
+    images = pipe("a red fox in snow", negative_prompt="blurry", height=256, width=384,
+                  num_inference_steps=24, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(0)).images
+
+Beyond diffusers: ``camera={"zoom", "x_shift", "y_shift"}`` edits the position map (zoom > 1 zooms
+in; x_shift > 0 looks right, y_shift > 0 looks down), ``tread_gamma=(γ_c, γ_u)`` gives each guidance
+branch its own routing rate (0 = none), and ``sampler``/``shift`` choose the ODE solver and time grid.
+Everything random (noise, routing) is drawn from ``generator``, so a seed repeats an image exactly.
+Prompts and negative prompts are encoded separately, so each branch sees only its own text; the two
+branches run as one batch when their routing rates and context lengths agree (always so with the
+text encoder's ``"max_length"`` padding).
+
+A saved pipeline is a folder in diffusers' layout: ``model_index.json`` and one sub-folder per
+component (``transformer``, ``text_encoder``, ``vae``), each with a JSON config and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from homediff import __version__
+from homediff.autoencoders import Autoencoder, KLAutoencoder, load_autoencoder
+from homediff.errors import CheckpointError, ConfigError
+from homediff.models import XUT, XUTConfig, load_hdm_state_dict
+from homediff.models.release import read_state_dict
+from homediff.models.rope import camera as camera_edit
+from homediff.models.rope import canonical_grid
+from homediff.samplers import check_rates, check_scale, get_sampler, guided_denoiser, time_grid
+from homediff.text import TextEncoder
+
+logger = logging.getLogger(__name__)
+
+INDEX = "model_index.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+CAMERA_KEYS = ("zoom", "x_shift", "y_shift")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+RELEASE_TEXT_ENCODER = "Qwen/Qwen3-0.6B"
+RELEASE_VAE = "KBlueLeaf/EQ-SDXL-VAE"
+
+
+@dataclass
+class PipelineOutput:
+    """``images``: PIL images, an (N, H, W, C) array or an (N, C, H, W) tensor in [0, 1], or latents."""
+
+    images: Any
+
+
+class HomeDiffPipeline:
+    """Text encoder + XUT backbone + sampler + autoencoder. ``sample_size``: default image side."""
+
+    def __init__(self, transformer: XUT, text_encoder: TextEncoder, vae: Autoencoder,
+                 sample_size: int = 256):
+        config = transformer.config
+        if text_encoder.dim != config.ctx_dim:
+            raise ConfigError(f"the text encoder gives {text_encoder.dim}-d states but the "
+                              f"transformer expects ctx_dim {config.ctx_dim}")
+        if vae.channels != config.in_channels:
+            raise ConfigError(f"the autoencoder has {vae.channels} latent channels but the "
+                              f"transformer expects {config.in_channels}")
+        self.transformer = transformer.eval()
+        self.text_encoder = text_encoder
+        self.vae = vae.eval()
+        self.sample_size = sample_size
+        self._progress: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "HomeDiffPipeline":
+        """Move every component to ``device``; ``dtype`` applies to the transformer and the VAE
+        (the text encoder keeps the dtype it was configured with)."""
+        if device is not None or dtype is not None:
+            self.transformer.to(device=device, dtype=dtype)
+            self.vae.to(device=device, dtype=dtype)
+        if device is not None:
+            self.text_encoder.to(device=device)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options for the sampling bar; ``disable=True`` turns it off."""
+        self._progress = kwargs
+
+    # --- geometry -----------------------------------------------------------------------------
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: autoencoder factor × patch size."""
+        return self.vae.factor * self.transformer.config.patch_size
+
+    def check_size(self, height: int, width: int) -> None:
+        step = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < step or value % step:
+                low = max(step, (value // step) * step) if isinstance(value, int) else step
+                nearest = sorted({low, low + step} - {value})
+                raise ConfigError(
+                    f"{name} {value!r} is not a positive multiple of {step} (autoencoder factor "
+                    f"{self.vae.factor} × patch size {self.transformer.config.patch_size}); "
+                    f"nearest valid sizes: {' or '.join(map(str, nearest))}")
+
+    def position_map(self, height: int, width: int, camera: dict | None = None) -> torch.Tensor:
+        """The (1, h·w, 2) (y, x) map at latent resolution for an image, edited by the camera."""
+        camera = dict(camera or {})
+        unknown = set(camera) - set(CAMERA_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown camera key(s) {sorted(unknown)}; use {', '.join(CAMERA_KEYS)}")
+        zoom = float(camera.get("zoom", 1.0))
+        if zoom <= 0:
+            raise ConfigError(f"camera zoom must be positive (> 1 zooms in), got {zoom}")
+        grid = canonical_grid(height // self.vae.factor, width // self.vae.factor, self.device)
+        pos = camera_edit(grid, zoom, float(camera.get("x_shift", 0.0)),
+                          float(camera.get("y_shift", 0.0)))
+        return pos.unsqueeze(0)
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    def denoiser(self, cond: torch.Tensor, uncond: torch.Tensor | None, *, height: int, width: int,
+                 guidance_scale: float, camera: dict | None = None, tread_gamma=(0.0, 0.0),
+                 generator: torch.Generator | None = None, batch: bool = True):
+        """``denoise(x, t)`` for latents of an image of this size: the guided transformer velocity."""
+        pos = self.position_map(height, width, camera)
+        aspect = math.log(width / height)
+        dtype = self.dtype
+
+        def velocity(x, t, ctx, rate):
+            n = x.shape[0]
+            return self.transformer(x.to(dtype), t, ctx.to(dtype), pos_map=pos.expand(n, -1, -1),
+                                    aspect=aspect, tread_rate=rate, generator=generator)
+
+        return guided_denoiser(velocity, cond, uncond, guidance_scale, tread_gamma, batch=batch)
+
+    def noise(self, count: int, height: int, width: int,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """Starting latents (count, C, h, w), drawn on the generator's device, float32."""
+        f = self.vae.factor
+        shape = (count, self.vae.channels, height // f, width // f)
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=draw_device).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 16,
+                 guidance_scale: float = 3.0, generator: torch.Generator | None = None,
+                 num_images_per_prompt: int = 1, camera: dict | None = None,
+                 tread_gamma=(0.0, 0.0), sampler: str = "euler", shift: float = 1.0,
+                 output_type: str = "pil") -> PipelineOutput:
+        """Images for the prompts (``num_images_per_prompt`` each, in prompt order).
+
+        negative_prompt: one for all prompts or one per prompt (default ""). height/width: pixels,
+        multiples of ``size_multiple`` (default ``sample_size``). guidance_scale: s in
+        v = v_u + s·(v_c − v_u); 1 runs the conditional branch only. camera: {"zoom", "x_shift",
+        "y_shift"}. tread_gamma: (γ_c, γ_u) routing rates, 0 = none. sampler: "euler" or "heun";
+        shift: time-grid shift (1 = HDM's uniform grid). output_type: "pil", "np", "pt" or "latent".
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = _negatives(negative_prompt, len(prompts))
+        height = self.sample_size if height is None else height
+        width = self.sample_size if width is None else width
+        self.check_size(height, width)
+        if output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ConfigError("num_images_per_prompt must be a positive integer, "
+                              f"got {num_images_per_prompt!r}")
+        solve = get_sampler(sampler)
+        ts = time_grid(num_inference_steps, shift, self.device)
+        check_rates(tread_gamma)
+        check_scale(guidance_scale)
+
+        cond = self.text_encoder.encode(prompts).to(self.device)
+        cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
+        uncond = None
+        if guidance_scale != 1:
+            uncond = self.text_encoder.encode(negatives).to(self.device)
+            uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0)
+        denoise = self.denoiser(cond, uncond, height=height, width=width,
+                                guidance_scale=guidance_scale, camera=camera,
+                                tread_gamma=tread_gamma, generator=generator)
+        latents = self.noise(cond.shape[0], height, width, generator)
+        with self._progress_bar(num_inference_steps) as bar:
+            latents = solve(denoise, latents, ts, callback=lambda *_: bar.update(1))
+        if output_type == "latent":
+            return PipelineOutput(latents)
+        images = ((self.vae.decode(latents) + 1) / 2).clamp(0, 1).cpu()
+        return PipelineOutput(_convert(images, output_type))
+
+    def _progress_bar(self, total: int):
+        from tqdm.auto import tqdm  # comes with transformers and diffusers
+
+        return tqdm(total=total, **{"desc": "sampling", **self._progress})
+
+    # --- saving and loading -------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the pipeline folder: model_index.json and one sub-folder per component."""
+        directory = Path(directory)
+        (directory / "transformer").mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.transformer.state_dict().items()}
+        save_file(state, str(directory / "transformer" / WEIGHTS))
+        (directory / "transformer" / "config.json").write_text(
+            json.dumps(self.transformer.config.to_dict(), indent=1))
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.vae.save_pretrained(directory / "vae")
+        index = {"_class_name": type(self).__name__, "_homediff_version": __version__,
+                 "sample_size": self.sample_size, "transformer": ["homediff", "XUT"],
+                 "text_encoder": ["homediff", "TextEncoder"],
+                 "vae": ["homediff", type(self.vae).__name__]}
+        (directory / INDEX).write_text(json.dumps(index, indent=1))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device=None,
+                        dtype: torch.dtype | None = None) -> "HomeDiffPipeline":
+        """Load a folder written by ``save_pretrained``; reads only local files."""
+        directory = Path(directory)
+        if not (directory / INDEX).is_file():
+            raise CheckpointError(f"{directory}: not a homediff pipeline folder (no {INDEX}); "
+                                  "for a released HDM file use HomeDiffPipeline.from_hdm_release")
+        index = json.loads((directory / INDEX).read_text())
+        for part in ("transformer", "text_encoder", "vae"):
+            if not (directory / part).is_dir():
+                raise CheckpointError(f"{directory}: the component folder {part}/ is missing")
+        try:
+            config = XUTConfig.from_dict(json.loads((directory / "transformer/config.json").read_text()))
+            state = load_file(str(directory / "transformer" / WEIGHTS))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{directory}/transformer: cannot read ({err})") from err
+        transformer = load_hdm_state_dict(XUT(config), state, str(directory / "transformer"))
+        pipe = cls(transformer, TextEncoder.from_pretrained(directory / "text_encoder"),
+                   load_autoencoder(directory / "vae"), sample_size=index.get("sample_size", 256))
+        return pipe.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_hdm_release(cls, checkpoint: str | Path, text_encoder: str = RELEASE_TEXT_ENCODER,
+                         vae: str = RELEASE_VAE, *, arch=None, text_encoder_options: dict | None = None,
+                         sample_size: int = 1024) -> "HomeDiffPipeline":
+        """A pipeline around a released single-file HDM checkpoint (or a Lightning checkpoint).
+
+        The file holds the backbone (``unet.model.*``) and usually the VAE weights (``vae.*``) and
+        latent statistics (``vae_mean``, ``vae_std``); ``vae`` then only supplies the VAE's config.
+        ``text_encoder`` is a folder or hub id (its weights are replaced by the file's ``te.*``
+        tensors if it has them). ``arch``: the backbone's HDM arch JSON (dict or path) or an
+        ``XUTConfig``; default the released XUT-base.
+        """
+        state = read_state_dict(checkpoint)
+        source = str(checkpoint)
+        transformer = load_hdm_state_dict(XUT(_release_config(arch)), state, source).eval()
+        vae_state = _with_prefix(state, "vae.")
+        stats = {}
+        if "vae_mean" in state and "vae_std" in state:
+            stats = {"mean": state["vae_mean"].float(), "std": state["vae_std"].float()}
+        if vae_state:
+            autoencoder = KLAutoencoder.from_weights(vae, vae_state, **stats)
+        else:
+            autoencoder = KLAutoencoder.from_pretrained(vae, **stats)
+        logger.info("%s: VAE weights from %s, latent statistics from %s", source,
+                    "the checkpoint" if vae_state else vae, "the checkpoint" if stats else vae)
+        options = {"padding": "longest", "max_length": 512, **(text_encoder_options or {})}
+        encoder = TextEncoder.from_pretrained(text_encoder, **options)
+        te_state = _with_prefix(state, "te.text_models.0.")
+        if te_state:
+            encoder.load_weights(te_state, source)
+        return cls(transformer, encoder, autoencoder, sample_size=sample_size)
+
+
+def _release_config(arch) -> XUTConfig:
+    if arch is None:
+        return XUTConfig(rope_init="hdm")
+    if isinstance(arch, XUTConfig):
+        return arch
+    if isinstance(arch, (str, Path)):
+        try:
+            arch = json.loads(Path(arch).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{arch}: cannot read the arch JSON ({err})") from err
+    return XUTConfig.from_hdm_config(arch.get("config", arch))
+
+
+def _with_prefix(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _negatives(negative_prompt, count: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * count
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * count
+    negatives = list(negative_prompt)
+    if len(negatives) != count:
+        raise ConfigError(f"got {len(negatives)} negative prompts for {count} prompts; give one "
+                          "negative prompt or one per prompt")
+    return negatives
+
+
+def _convert(images: torch.Tensor, output_type: str):
+    """(N, C, H, W) in [0, 1] → the requested output type."""
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return array
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise ImportError("PIL output needs Pillow: pip install pillow "
+                          "(or use output_type='np')") from err
+    pixels = (array * 255).round().astype("uint8")
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+
+
+def image_grid(images: list, columns: int | None = None):
+    """One PIL image with ``images`` (all the same size) in a grid, about square by default."""
+    from PIL import Image
+
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new(images[0].mode, (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
