@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from collections import Counter
 
 import numpy as np
@@ -110,11 +111,14 @@ class EpochSampler(Sampler[int]):
         return iter((mine + offset).tolist())
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed Python's and NumPy's generators from the worker's torch seed (set per worker)."""
+def init_worker(worker_id: int) -> None:
+    """Seed Python's and NumPy's generators from the worker's torch seed (set per worker), and
+    leave Ctrl-C and SIGTERM to the main process, which finishes its step and checkpoints first."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size: int, workers: int = 2, seed: int = 0, shuffle: bool = True,
@@ -133,7 +137,7 @@ def make_loader(dataset, batch_size: int, workers: int = 2, seed: int = 0, shuff
         sampler = EpochSampler(len(dataset), seed, shuffle, rank, world_size)
     options = {}
     if workers > 0:
-        options.update(persistent_workers=persistent_workers, worker_init_fn=seed_worker,
+        options.update(persistent_workers=persistent_workers, worker_init_fn=init_worker,
                        prefetch_factor=prefetch_factor)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory,
