@@ -11,10 +11,13 @@ import logging
 import sys
 
 from homediff import __version__
+from homediff.cli import data as data_commands
+from homediff.cli import generate as generate_commands
 from homediff.cli import model as model_commands
+from homediff.cli import train as train_commands
 from homediff.errors import HomediffError
 
-COMMAND_GROUPS = (model_commands,)
+COMMAND_GROUPS = (model_commands, data_commands, train_commands, generate_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,353 @@
+"""The training loop: stages, optimiser, EMA, checkpoints and logs. The only module using accelerate.
+
+    trainer = Trainer(load_config("configs/tiny-emoji.toml"), "runs/emoji")
+    trainer.run()                   # or Trainer(..., resume="latest").run()
+
+A run folder holds ``checkpoints/`` (every ``checkpoint_every`` steps and at each stage's end),
+``logs/`` (TensorBoard), ``samples/`` (grids of fixed prompts and seeds from the EMA weights) and,
+at the end, ``model/`` (a pipeline folder of the EMA weights), ``model.safetensors`` (the EMA
+backbone in one file) and ``loss.png``. The same code runs on a CPU, one GPU, or many GPUs and
+nodes under ``accelerate launch`` or ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from homediff import flow
+from homediff.autoencoders import load_autoencoder
+from homediff.checkpoint import (latest_checkpoint, load_tensors, rng_state, save_tensors,
+                                 set_rng_state, write_checkpoint)
+from homediff.config import StageConfig, TrainConfig, to_toml
+from homediff.errors import HomediffError
+from homediff.models import XUT, XUTConfig
+from homediff.models.flops import train_step_flops
+from homediff.monitor import Monitor
+from homediff.optim import EMA, lr_multiplier, parameter_groups, set_lr
+from homediff.text import TextEncoder
+from homediff.training_data import BatchStream
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(HomediffError):
+    """Training stopped before its end (bad steps in a row)."""
+
+
+@dataclass
+class Progress:
+    """Where a run is; saved with every checkpoint."""
+
+    step: int = 0  # optimiser steps over the whole run
+    stage: int = 0
+    stage_step: int = 0  # optimiser steps in the current stage
+    epoch: int = 0  # epoch within the current stage
+    batch: int = 0  # micro-batches of the current epoch already consumed
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: str | None = None,
+                 max_steps: int | None = None, checkpoint_every: int | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.max_steps = max_steps
+        self.checkpoint_every = checkpoint_every or config.train.checkpoint_every
+        handlers = []
+        if config.train.fp16_grad_compression:
+            handlers.append(DistributedDataParallelKwargs(comm_hook="fp16"))
+        self.accelerator = Accelerator(mixed_precision=self._precision(), kwargs_handlers=handlers)
+        if config.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        torch.manual_seed(config.train.seed)
+        self.generator = torch.Generator(self.device).manual_seed(config.train.seed * 1009 + self.rank)
+
+        self.text_encoder = TextEncoder.from_pretrained(
+            config.text_encoder.name, **dataclasses.asdict(config.text_encoder.options)).to(self.device)
+        self.autoencoder = load_autoencoder(config.autoencoder.name, **self._ae_options()).to(self.device)
+        model_config = XUTConfig.preset(config.model.preset, **{
+            "in_channels": self.autoencoder.channels, "ctx_dim": self.text_encoder.dim,
+            "gradient_checkpointing": config.train.gradient_checkpointing,
+            **config.model.overrides})
+        model = XUT(model_config)
+        self.ema = EMA(model, config.ema.decay) if config.ema.enabled else None
+        self.model = self.accelerator.prepare_model(model)
+        self.progress = Progress()
+        self.monitor = Monitor(self.run_dir, enabled=self.accelerator.is_main_process,
+                               wandb=config.train.wandb, config=config)
+        self._resume_state = self._load(resume) if resume else None
+        self._stop_signal: int | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _precision(self) -> str:
+        wanted = self.config.train.mixed_precision
+        if wanted != "auto":
+            return wanted
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+    def _ae_options(self) -> dict:
+        return {"factor": self.config.autoencoder.factor} if self.config.autoencoder.name == "pixel" else {}
+
+    @property
+    def unwrapped(self) -> XUT:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
+        opt = self.config.optimizer
+        decay = stage.weight_decay if stage.weight_decay >= 0 else opt.weight_decay
+        groups = parameter_groups(self.unwrapped, decay, opt.lr_rule, opt.decay_norms_and_biases)
+        betas = tuple(stage.betas or opt.betas)
+        return self.accelerator.prepare_optimizer(torch.optim.AdamW(groups, betas=betas, eps=opt.eps))
+
+    @staticmethod
+    def stage_length(stage: StageConfig, batches_per_epoch: int) -> int:
+        """Optimiser steps of a stage given in epochs of ``batches_per_epoch`` micro-batches."""
+        return max(1, math.ceil(stage.epochs * batches_per_epoch / stage.grad_accum))
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self, optimizer: torch.optim.Optimizer) -> Path | None:
+        from accelerate.utils import gather_object
+
+        self.accelerator.wait_for_everyone()
+        data = gather_object([self.stream.state_dict()])  # every rank's shard positions
+        if not self.accelerator.is_main_process:
+            return None
+        scaler = self.accelerator.scaler
+        state = {"progress": dataclasses.asdict(self.progress), "rng": rng_state(),
+                 "generator": self.generator.get_state(),
+                 "ema": {"decay": self.ema.decay, "updates": self.ema.updates} if self.ema else None}
+        writers = {
+            "model.safetensors": lambda p: save_tensors(p, self.unwrapped.state_dict()),
+            "optimizer.pt": lambda p: torch.save({"optimizer": optimizer.state_dict(),
+                                                  "scaler": scaler.state_dict() if scaler else None,
+                                                  "data": _merge_positions(data)}, p),
+            "state.pt": lambda p: torch.save(state, p),
+            "config.toml": lambda p: p.write_text(to_toml(self.config)),
+            "model_config.json": lambda p: p.write_text(json.dumps(self.unwrapped.config.to_dict())),
+        }
+        if self.ema:
+            writers["ema.safetensors"] = lambda p: save_tensors(p, self.ema.shadow)
+        path = write_checkpoint(self.run_dir / "checkpoints", self.progress.step, writers,
+                                self.config.train.keep_checkpoints)
+        self.monitor.checkpoint_line(path, self.progress)
+        return path
+
+    def _load(self, resume: str) -> dict:
+        path = latest_checkpoint(self.run_dir / "checkpoints") if resume == "latest" else Path(resume)
+        if path is None:
+            raise HomediffError(f"--resume latest: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if not (path / "state.pt").is_file():
+            raise HomediffError(f"{path}: not a checkpoint folder (no state.pt)")
+        self.unwrapped.load_state_dict(load_tensors(path / "model.safetensors"))
+        state = torch.load(path / "state.pt", weights_only=False)
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict({**state["ema"], "shadow": load_tensors(path / "ema.safetensors")})
+        self.progress = Progress(**state["progress"])
+        set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.monitor.say(f"resumed from {path} at step {self.progress.step} "
+                         f"(stage {self.progress.stage + 1}, step {self.progress.stage_step} of the stage)")
+        return torch.load(path / "optimizer.pt", weights_only=False)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, callback=None) -> Path | None:
+        """Train through every stage; returns the exported pipeline folder (rank 0). ``callback``
+        (progress, batch), if given, sees every micro-batch."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.progress.stage < len(self.config.stages):
+                if not self._train_stage(callback):
+                    return None
+            return self._export()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.monitor.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _train_stage(self, callback) -> bool:
+        """Run the current stage to its end; False when stopped early (signal or --max-steps)."""
+        index = self.progress.stage
+        stage = self.config.stages[index]
+        data = self.config.dataset
+        text = self.config.text_encoder.options
+        self.text_encoder.config = dataclasses.replace(text, max_length=stage.text_length or text.max_length)
+        self.stream = BatchStream(data, stage.resolution, stage.batch_size, self.config.train.seed + index)
+        total = stage.steps or self.stage_length(stage, len(self.stream))
+        optimizer = self._optimizer(stage)
+        if self._resume_state:
+            optimizer.load_state_dict(self._resume_state["optimizer"])
+            if self.accelerator.scaler and self._resume_state["scaler"]:
+                self.accelerator.scaler.load_state_dict(self._resume_state["scaler"])
+            self.stream.load_state_dict(self._resume_state["data"])
+            self._resume_state = None
+        clip = stage.grad_clip if stage.grad_clip >= 0 else self.config.optimizer.grad_clip
+        flops = train_step_flops(self.unwrapped.config, *self._latent_size(stage.resolution),
+                                 self.text_encoder.config.max_length, stage.tread_rate)
+        self.monitor.start_stage(index, stage, total, self.progress.stage_step, flops)
+        self.model.train()
+        bad_steps, micro, losses = 0, 0, []
+        while self.progress.stage_step < total:
+            for batch in self.stream.epoch(self.progress.epoch, self.progress.batch):
+                if callback:
+                    callback(self.progress, batch)
+                self.monitor.count_problems(batch)
+                self.progress.batch += 1
+                micro += 1
+                last = micro == stage.grad_accum
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                    loss = self._loss(batch, stage)
+                    self.accelerator.backward(loss / stage.grad_accum)
+                losses.append(loss.detach())
+                if not last:
+                    continue
+                micro = 0
+                set_lr(optimizer, stage.lr, lr_multiplier(self.progress.stage_step, total,
+                                                          self.config.optimizer.warmup_steps,
+                                                          self.config.optimizer.min_lr_ratio))
+                step_loss = torch.stack(losses).mean()
+                losses = []
+                if not torch.isfinite(self.accelerator.reduce(step_loss, "mean")):
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_steps += 1
+                    self.monitor.say(f"step {self.progress.step}: non-finite loss, step skipped "
+                                     f"({bad_steps} in a row)")
+                    if bad_steps >= self.config.train.max_bad_steps:
+                        raise TrainingStopped(f"{bad_steps} non-finite losses in a row at step "
+                                              f"{self.progress.step}: lower the learning rate or use "
+                                              "bf16/fp32; the last checkpoint is intact")
+                    continue
+                bad_steps = 0
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if self.ema:
+                    self.ema.update(self.unwrapped)
+                self.progress.step += 1
+                self.progress.stage_step += 1
+                self.progress.losses.append((self.progress.step, step_loss.item()))
+                self.monitor.step(self.progress, step_loss.item(), optimizer.param_groups, grad_norm,
+                                  stage.batch_size * stage.grad_accum * self.accelerator.num_processes)
+                if self._should_sample():
+                    self.sample()
+                done = self.progress.stage_step >= total
+                stop = self._stop_signal is not None or self.progress.step == self.max_steps
+                if done or stop or self.progress.step % self.checkpoint_every == 0:
+                    if done:
+                        self._next_stage_position()
+                    self.save_checkpoint(optimizer)
+                if stop:
+                    why = f"signal {self._stop_signal}" if self._stop_signal else "--max-steps"
+                    self.monitor.say(f"stopped at step {self.progress.step} ({why}); resume with "
+                                     "--resume latest")
+                    return False
+                if done:
+                    if self.config.train.sample_every == 0:
+                        self.sample()
+                    return True
+            self.progress.epoch += 1
+            self.progress.batch = 0
+        return True
+
+    def _next_stage_position(self) -> None:
+        self.progress.stage += 1
+        self.progress.stage_step = self.progress.epoch = self.progress.batch = 0
+
+    def _should_sample(self) -> bool:
+        every = self.config.train.sample_every
+        return every > 0 and self.progress.step % every == 0
+
+    def _latent_size(self, resolution: int) -> tuple[int, int]:
+        side = resolution // self.autoencoder.factor
+        return side, side
+
+    def _loss(self, batch: dict, stage: StageConfig) -> torch.Tensor:
+        images = batch["image"].to(self.device)
+        with torch.no_grad():
+            x0 = self.autoencoder.encode(images, generator=self.generator)
+            ctx = self.text_encoder.encode(batch["caption"])
+        pos = batch["pos"].to(self.device)
+        factor = images.shape[-1] // x0.shape[-1]
+        if factor > 1:  # the crop's pixel position map, averaged over each latent cell
+            side = images.shape[-1]
+            grid = pos.transpose(1, 2).reshape(-1, 2, side, side)
+            pos = F.avg_pool2d(grid, factor).flatten(2).transpose(1, 2)
+        t = flow.sample_time(x0.shape[0], generator=self.generator, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
+        with self.accelerator.autocast():
+            prediction = self.model(flow.add_noise(x0, noise, t), t, ctx.to(self.device), pos_map=pos,
+                                    aspect=batch["aspect"].to(self.device),
+                                    tread_rate=stage.tread_rate, generator=self.generator)
+        return flow.flow_loss(prediction, x0, noise)
+
+    # -- samples and export ------------------------------------------------------------------
+
+    def pipeline(self):
+        """A pipeline over a copy of the model holding the EMA weights (or the raw ones)."""
+        from homediff.pipeline import HomeDiffPipeline
+
+        model = XUT(self.unwrapped.config).to(self.device)
+        if self.ema:
+            self.ema.copy_to(model)
+        else:
+            model.load_state_dict(self.unwrapped.state_dict())
+        stage = self.config.stages[min(self.progress.stage, len(self.config.stages) - 1)]
+        return HomeDiffPipeline(model.eval(), self.text_encoder, self.autoencoder,
+                                sample_size=stage.resolution)
+
+    def sample(self) -> None:
+        if not self.accelerator.is_main_process or not self.config.train.sample_prompts:
+            return
+        self.monitor.samples(self.pipeline(), self.config.train, self.progress.step)
+
+    def _export(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        pipe = self.pipeline()
+        pipe.text_encoder.config = self.config.text_encoder.options
+        out = self.run_dir / "model"
+        pipe.save_pretrained(out)
+        save_tensors(self.run_dir / "model.safetensors", pipe.transformer.state_dict(),
+                     {"homediff_config": json.dumps(pipe.transformer.config.to_dict())})
+        self.monitor.finish(self.progress)
+        self.monitor.say(f"done: pipeline folder {out}, single file {self.run_dir / 'model.safetensors'}")
+        return out
+
+
+def _merge_positions(states: list[dict | None]) -> dict | None:
+    """One shard-stream state from every rank's (each rank's workers have their own ids)."""
+    states = [s for s in states if s]
+    if not states:
+        return None
+    return {"world": states[0]["world"],
+            "positions": {k: v for s in states for k, v in s["positions"].items()}}
+
+
+def train(config: TrainConfig, run_dir: str | Path, **options) -> Path | None:
+    """Train a config into ``run_dir``; see ``Trainer`` for the options."""
+    start = time.perf_counter()
+    out = Trainer(config, run_dir, **options).run()
+    logger.info("training took %.0f s", time.perf_counter() - start)
+    return out

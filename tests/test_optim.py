@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+from homediff.models import XUT, XUTConfig
+from homediff.optim import EMA, fan_in, lr_multiplier, parameter_groups, set_lr
+
+
+def small():
+    return XUT(XUTConfig(dim=64, ctx_dim=16, head_dim=16, mlp_dim=96, depth=1, dec_blocks=1))
+
+
+def test_fan_in_rule_matches_hdm():
+    model = small()
+    groups = parameter_groups(model, weight_decay=0.02, lr_rule="fan_in", decay_norms_and_biases=True)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale[id(named["ctx_proj.weight"])] == 1 / 16
+    assert scale[id(named["in_patch.proj.weight"])] == 1 / 16  # conv: 4 channels × 2 × 2
+    assert scale[id(named["backbone.enc_blocks.0.0.attn.rope.freqs"])] == 1 / 8  # (heads, 4, 2)
+    assert scale[id(named["addon_info_embs_proj.0.weight"])] == 1.0  # fan-in 1: the full LR
+    assert scale[id(named["ctx_proj.bias"])] == 1 / 64  # a vector: its length
+    assert fan_in(torch.zeros(3, 5, 7)) == 35
+
+
+def test_decay_exclusions_and_plain_rule():
+    model = small()
+    groups = parameter_groups(model, weight_decay=0.1, lr_rule="plain")
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert decay[id(named["ctx_proj.weight"])] == 0.1
+    assert decay[id(named["ctx_proj.bias"])] == 0.0
+    assert decay[id(named["backbone.enc_blocks.0.0.attn.rope.freqs"])] == 0.0
+    assert decay[id(named["backbone.enc_blocks.0.0.attn_pre_norm.norm.weight"])] == 0.0
+    assert {g["lr_scale"] for g in groups} == {1.0}
+    optimizer = torch.optim.AdamW(groups)
+    set_lr(optimizer, 2e-3, 0.5)
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-3}
+
+
+def test_schedule_matches_hdm_curve():
+    total, warmup = 10_000, 1000
+    assert lr_multiplier(0, total, warmup, 0.01) == 0.0
+    assert lr_multiplier(500, total, warmup, 0.01) == 0.5
+    assert lr_multiplier(1000, total, warmup, 0.01) == 1.0
+    middle = 1000 + 9000 // 2
+    assert lr_multiplier(middle, total, warmup, 0.01) == pytest.approx(0.505)
+    assert lr_multiplier(total, total, warmup, 0.01) == pytest.approx(0.01)
+    assert lr_multiplier(total + 50, total, warmup, 0.01) == pytest.approx(0.01)
+
+
+def test_ema_follows_then_smooths():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # decay min(0.9, 1/10) = 0.1: mostly the new weights
+    start = ema.shadow["weight"].clone()
+    assert torch.all(start > 0.8)
+    for _ in range(100):
+        ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], torch.ones(2, 2), atol=1e-4)
+    copy = torch.nn.Linear(2, 2)
+    ema.copy_to(copy)
+    assert torch.allclose(copy.weight, ema.shadow["weight"])
+    restored = EMA(torch.nn.Linear(2, 2))
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 101 and math.isclose(restored.decay, 0.9)
