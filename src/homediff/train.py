@@ -61,7 +61,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: str | None = None,
                  max_steps: int | None = None, checkpoint_every: int | None = None):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
         self.config = config
         self.run_dir = Path(run_dir)
@@ -69,7 +69,7 @@ class Trainer:
         self.checkpoint_every = checkpoint_every or config.train.checkpoint_every
         handlers = []
         if config.train.fp16_grad_compression:
-            handlers.append(DistributedDataParallelKwargs(comm_hook="fp16"))
+            handlers.append(DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.FP16))
         self.accelerator = Accelerator(mixed_precision=self._precision(), kwargs_handlers=handlers)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True)

@@ -1,0 +1,138 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import homediff.train as train_module
+from homediff.checkpoint import latest_checkpoint, list_checkpoints, load_tensors
+from homediff.errors import ConfigError
+from homediff.pipeline import HomeDiffPipeline
+from homediff.train import Trainer
+from train_helpers import square_folder, text_encoder_folder, tiny_config
+
+GOLDEN = Path(__file__).parent / "golden" / "train_loss.json"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return square_folder(root / "squares"), text_encoder_folder(root / "text")
+
+
+def losses(trainer) -> list[float]:
+    return [loss for _, loss in trainer.progress.losses]
+
+
+def test_a_tiny_model_overfits_a_handful_of_images(assets, tmp_path):
+    config = tiny_config(*assets, stages=[{"resolution": 8, "batch_size": 8, "lr": 0.5, "steps": 200,
+                                           "tread_rate": 0.0}], ema={"enabled": False},
+                         optimizer={"warmup_steps": 20})
+    trainer = Trainer(config, tmp_path)
+    trainer.run()
+    curve = losses(trainer)
+    first, last = sum(curve[:20]) / 20, sum(curve[-20:]) / 20
+    assert last < first / 5, (first, last)  # measured: about 1.37 -> 0.11
+
+
+def test_golden_loss_curve(assets, tmp_path):
+    """20 steps of a fixed config; regenerate with HOMEDIFF_REGENERATE_GOLDEN=1 only on purpose."""
+    config = tiny_config(*assets, stages=[{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 20,
+                                           "tread_rate": 0.5}])
+    trainer = Trainer(config, tmp_path)
+    trainer.run()
+    curve = losses(trainer)
+    if os.environ.get("HOMEDIFF_REGENERATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"losses": curve}, indent=1))
+    expected = json.loads(GOLDEN.read_text())["losses"]
+    assert curve == pytest.approx(expected, rel=1e-4)
+
+
+def test_stop_and_resume_equals_the_uninterrupted_run(assets, tmp_path):
+    stages = [{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 6, "tread_rate": 0.5},
+              {"resolution": 16, "batch_size": 2, "lr": 0.2, "steps": 5, "tread_rate": 0.25}]
+    config = tiny_config(*assets, stages=stages)
+    whole = Trainer(config, tmp_path / "whole")
+    whole.run()
+
+    first = Trainer(config, tmp_path / "split", max_steps=8)  # stops inside the second stage
+    assert first.run() is None
+    assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-00000008"
+    resumed = Trainer(config, tmp_path / "split", resume="latest")
+    assert resumed.progress.step == 8 and resumed.progress.stage == 1
+    resumed.run()
+
+    assert losses(resumed) == losses(whole)  # bit for bit
+    final = load_tensors(tmp_path / "whole" / "model.safetensors")
+    again = load_tensors(tmp_path / "split" / "model.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_stage_transition_changes_resolution_batch_and_lr(assets, tmp_path, monkeypatch):
+    stages = [{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 3, "grad_accum": 2},
+              {"resolution": 16, "batch_size": 2, "lr": 0.1, "steps": 2}]
+    config = tiny_config(*assets, stages=stages, optimizer={"warmup_steps": 0})
+    seen, lrs = [], []
+    real_set_lr = train_module.set_lr
+    monkeypatch.setattr(train_module, "set_lr",
+                        lambda opt, base, mult: (lrs.append(base), real_set_lr(opt, base, mult)))
+    trainer = Trainer(config, tmp_path)
+    out = trainer.run(callback=lambda progress, batch: seen.append(
+        (progress.step, tuple(batch["image"].shape))))
+    assert seen == [(0, (4, 3, 8, 8))] * 2 + [(1, (4, 3, 8, 8))] * 2 + [(2, (4, 3, 8, 8))] * 2 + \
+        [(3, (2, 3, 16, 16)), (4, (2, 3, 16, 16))]
+    assert lrs == [0.5, 0.5, 0.5, 0.1, 0.1]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003",
+                                                                          "step-00000005"]
+    pipe = HomeDiffPipeline.from_pretrained(out)
+    image = pipe("a red square", height=16, width=16, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+    assert (tmp_path / "loss.png").is_file() and (tmp_path / "model.safetensors").is_file()
+
+
+def test_non_finite_losses_skip_steps_then_stop(assets, tmp_path, monkeypatch):
+    config = tiny_config(*assets, train={"max_bad_steps": 3, "sample_prompts": []})
+    trainer = Trainer(config, tmp_path)
+    monkeypatch.setattr(trainer, "_loss", lambda batch, stage: torch.tensor(float("nan"),
+                                                                             requires_grad=True))
+    with pytest.raises(train_module.TrainingStopped, match="3 non-finite losses in a row"):
+        trainer.run()
+    assert trainer.progress.step == 0
+
+
+def test_missing_dataset_is_a_clear_error(assets, tmp_path):
+    config = tiny_config(tmp_path / "nowhere", assets[1])
+    with pytest.raises(ConfigError, match="nowhere is not a folder"):
+        Trainer(config, tmp_path / "run").run()
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(assets, tmp_path):
+    config_path = tmp_path / "run.toml"
+    from homediff.config import to_toml
+    config = tiny_config(*assets, stages=[{"resolution": 8, "batch_size": 4, "steps": 100000}],
+                         dataset={"path": str(assets[0]), "workers": 1})
+    config_path.write_text(to_toml(config))
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "homediff", "train", str(config_path),
+                                "--out", str(run_dir)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((run_dir / "logs").glob("events*")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # some steps
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "resume with --resume latest" in err
+    step = int(latest_checkpoint(run_dir / "checkpoints").name.split("-")[1])
+    assert step > 0
+    resumed = Trainer(config, run_dir, resume="latest", max_steps=step + 2)
+    assert resumed.progress.step == step
+    resumed.run()
+    assert latest_checkpoint(run_dir / "checkpoints").name == f"step-{step + 2:08d}"
