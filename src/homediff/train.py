@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -70,7 +71,10 @@ class Trainer:
         handlers = []
         if config.train.fp16_grad_compression:
             handlers.append(DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.FP16))
-        self.accelerator = Accelerator(mixed_precision=self._precision(), kwargs_handlers=handlers)
+        # several processes without GPUs (torchrun on CPUs) train over gloo
+        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = Accelerator(mixed_precision=self._precision(), kwargs_handlers=handlers,
+                                       cpu=multi_cpu)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.device = self.accelerator.device
