@@ -46,6 +46,14 @@ class Autoencoder(nn.Module):
     image_channels: int = 3
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents of images in [−1, 1]: drawn from ``moments`` (which a cache may keep)."""
+        return self.latents_from(self.moments(images), generator)
+
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """What encoding determines (the posterior's parameters): deterministic, cacheable."""
+        raise NotImplementedError
+
+    def latents_from(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -66,8 +74,11 @@ class PixelAutoencoder(Autoencoder):
         self.factor, self.image_channels = factor, image_channels
         self.channels = image_channels * factor**2
 
-    def encode(self, images, generator=None):
+    def moments(self, images):
         return F.pixel_unshuffle(images.float(), self.factor)
+
+    def latents_from(self, moments, generator=None):
+        return moments.float()
 
     def decode(self, latents):
         return F.pixel_shuffle(latents.float(), self.factor)
@@ -148,11 +159,19 @@ class KLAutoencoder(Autoencoder):
         Path(directory, CONFIG_NAME).write_text(json.dumps(record, indent=1))
 
     @torch.no_grad()
-    def encode(self, images, generator=None):
+    def moments(self, images):
+        """The posterior's mean and log-variance, concatenated on channels."""
         dtype = self.vae.dtype
+        return torch.cat([self.vae.encode(chunk.to(dtype)).latent_dist.parameters
+                          for chunk in images.split(self.batch_size)])
+
+    @torch.no_grad()
+    def latents_from(self, moments, generator=None):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         latents = []
-        for chunk in images.split(self.batch_size):
-            posterior = self.vae.encode(chunk.to(dtype)).latent_dist
+        for chunk in moments.split(self.batch_size):
+            posterior = DiagonalGaussianDistribution(chunk.to(self.vae.dtype))
             z = posterior.sample(generator) if self.sample else posterior.mode()
             latents.append((z.float() - self.mean.to(z.device)) / self.std.to(z.device))
         return torch.cat(latents)

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 from homediff import flow
 from homediff.autoencoders import load_autoencoder
+from homediff.cache import DiskCache, cache_key, cached_rows
 from homediff.checkpoint import (latest_checkpoint, load_tensors, rng_state, save_tensors,
                                  set_rng_state, write_checkpoint)
 from homediff.config import StageConfig, TrainConfig, to_toml
-from homediff.errors import HomediffError
+from homediff.errors import ConfigError, HomediffError
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import train_step_flops
 from homediff.monitor import Monitor
@@ -92,6 +93,7 @@ class Trainer:
         model = XUT(model_config)
         self.ema = EMA(model, config.ema.decay) if config.ema.enabled else None
         self.model = self.accelerator.prepare_model(model)
+        self.caches = self._caches()
         self.progress = Progress()
         self.monitor = Monitor(self.run_dir, enabled=self.accelerator.is_main_process,
                                wandb=config.train.wandb, config=config)
@@ -108,6 +110,31 @@ class Trainer:
 
     def _ae_options(self) -> dict:
         return {"factor": self.config.autoencoder.factor} if self.config.autoencoder.name == "pixel" else {}
+
+    def _caches(self) -> dict[str, DiskCache]:
+        """The optional disk caches of text states and autoencoder moments (one folder per rank)."""
+        train = self.config.train
+        if train.cache_text and self.config.text_encoder.options.padding != "max_length":
+            raise ConfigError("train.cache_text needs text_encoder.options.padding = \"max_length\"")
+        wanted = {"text": train.cache_text, "latents": train.cache_latents}
+        return {name: DiskCache(self.run_dir / "cache" / f"{name}-rank{self.rank}")
+                for name, on in wanted.items() if on}
+
+    def _announce_caches(self, stage: StageConfig) -> None:
+        """Say how much disk the caches will take for one crop and caption per image."""
+        if not self.caches:
+            return
+        images = len(self.stream.dataset) if self.stream.kind == "folder" else None
+        sizes = {}
+        if "latents" in self.caches:
+            probe = torch.zeros(1, 3, stage.resolution, stage.resolution, device=self.device)
+            sizes["latents"] = self.autoencoder.moments(probe).numel() * 2
+        if "text" in self.caches:
+            sizes["text"] = self.text_encoder.config.max_length * self.text_encoder.dim * 2
+        for name, size in sizes.items():
+            total = f"{images * size / 2**30:.2f} GiB for the {images:,} images" if images else "per image"
+            self.monitor.say(f"caching {name} in {self.caches[name].folder}: {size / 2**10:.1f} KiB per "
+                             f"entry, {total} (each new random crop or caption variant adds one)")
 
     @property
     def unwrapped(self) -> XUT:
@@ -130,6 +157,8 @@ class Trainer:
     def save_checkpoint(self, optimizer: torch.optim.Optimizer) -> Path | None:
         from accelerate.utils import gather_object
 
+        for cache in self.caches.values():
+            cache.flush()
         self.accelerator.wait_for_everyone()
         data = gather_object([self.stream.state_dict()])  # every rank's shard positions
         if not self.accelerator.is_main_process:
@@ -199,6 +228,7 @@ class Trainer:
         self.text_encoder.config = dataclasses.replace(text, max_length=stage.text_length or text.max_length)
         self.stream = BatchStream(data, stage.resolution, stage.batch_size, self.config.train.seed + index)
         total = stage.steps or self.stage_length(stage, len(self.stream))
+        self._announce_caches(stage)
         optimizer = self._optimizer(stage)
         if self._resume_state:
             optimizer.load_state_dict(self._resume_state["optimizer"])
@@ -288,10 +318,10 @@ class Trainer:
 
     def _loss(self, batch: dict, stage: StageConfig) -> torch.Tensor:
         images = batch["image"].to(self.device)
-        with torch.no_grad():
-            x0 = self.autoencoder.encode(images, generator=self.generator)
-            ctx = self.text_encoder.encode(batch["caption"])
         pos = batch["pos"].to(self.device)
+        with torch.no_grad():
+            x0 = self.autoencoder.latents_from(self._moments(images, pos, batch["key"]), self.generator)
+            ctx = self._text_states(batch["caption"])
         factor = images.shape[-1] // x0.shape[-1]
         if factor > 1:  # the crop's pixel position map, averaged over each latent cell
             side = images.shape[-1]
@@ -304,6 +334,23 @@ class Trainer:
                                     aspect=batch["aspect"].to(self.device),
                                     tread_rate=stage.tread_rate, generator=self.generator)
         return flow.flow_loss(prediction, x0, noise)
+
+    def _moments(self, images: torch.Tensor, pos: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        cache = self.caches.get("latents")
+        if cache is None:
+            return self.autoencoder.moments(images)
+        keys = [cache_key(k, images.shape[-1], p[0].tolist(), p[-1].tolist()) for k, p in zip(keys, pos)]
+        rows = cached_rows(cache, keys, lambda idx: self.autoencoder.moments(images[idx]))
+        return rows.to(self.device, torch.float32)
+
+    def _text_states(self, captions: list[str]) -> torch.Tensor:
+        cache = self.caches.get("text")
+        if cache is None:
+            return self.text_encoder.encode(captions)
+        length = self.text_encoder.config.max_length
+        keys = [cache_key(c, length, self.config.text_encoder.name) for c in captions]
+        rows = cached_rows(cache, keys, lambda idx: self.text_encoder.encode([captions[i] for i in idx]))
+        return rows.to(self.device, self.text_encoder.model.dtype)
 
     # -- samples and export ------------------------------------------------------------------
 
