@@ -94,6 +94,11 @@ class Trainer:
         self.ema = EMA(model, config.ema.decay) if config.ema.enabled else None
         self.model = self.accelerator.prepare_model(model)
         self.caches = self._caches()
+        cores = len(os.sched_getaffinity(0))
+        if self.device.type == "cpu" and config.dataset.workers >= cores:
+            logger.warning("dataset.workers = %d on a CPU with %d cores: loader processes compete with "
+                           "the training threads and can slow steps down many times; use 0 (small "
+                           "images) or fewer", config.dataset.workers, cores)
         self.progress = Progress()
         self.monitor = Monitor(self.run_dir, enabled=self.accelerator.is_main_process,
                                wandb=config.train.wandb, config=config)
