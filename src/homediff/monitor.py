@@ -84,12 +84,12 @@ class Monitor:
             self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=progress.step)
         self.last_time, self.images, self.window = now, 0, []
 
-    def checkpoint_line(self, path: Path, progress) -> None:
+    def checkpoint_line(self, path: Path, progress, stage: int) -> None:
         recent = [loss for _, loss in progress.losses[-100:]]
         mean = sum(recent) / max(1, len(recent))
         skipped = sum(self.problems.values())
         extra = f", {skipped} image problems so far ({dict(self.problems)})" if skipped else ""
-        self.say(f"checkpoint step {progress.step} (stage {progress.stage + 1}): "
+        self.say(f"checkpoint step {progress.step} (stage {stage + 1}): "
                  f"loss {mean:.4f} over the last {len(recent)} steps{extra} -> {path}")
 
     def samples(self, pipeline, train, step: int) -> Path:

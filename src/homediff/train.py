@@ -159,7 +159,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def save_checkpoint(self, optimizer: torch.optim.Optimizer) -> Path | None:
+    def save_checkpoint(self, optimizer: torch.optim.Optimizer, stage: int) -> Path | None:
         from accelerate.utils import gather_object
 
         for cache in self.caches.values():
@@ -185,7 +185,7 @@ class Trainer:
             writers["ema.safetensors"] = lambda p: save_tensors(p, self.ema.shadow)
         path = write_checkpoint(self.run_dir / "checkpoints", self.progress.step, writers,
                                 self.config.train.keep_checkpoints)
-        self.monitor.checkpoint_line(path, self.progress)
+        self.monitor.checkpoint_line(path, self.progress, stage)
         return path
 
     def _load(self, resume: str) -> dict:
@@ -295,7 +295,7 @@ class Trainer:
                 if done or stop or self.progress.step % self.checkpoint_every == 0:
                     if done:
                         self._next_stage_position()
-                    self.save_checkpoint(optimizer)
+                    self.save_checkpoint(optimizer, index)
                 if stop:
                     why = f"signal {self._stop_signal}" if self._stop_signal else "--max-steps"
                     self.monitor.say(f"stopped at step {self.progress.step} ({why}); resume with "
