@@ -1,4 +1,4 @@
-"""``homediff data``: pack a folder into shards, check a dataset, build the emoji set."""
+"""``homediff data``: pack a folder into shards, check a dataset, build the emoji or shapes set."""
 
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def register(commands) -> None:
                        help="processes (default: all cores)")
     emoji.set_defaults(run=run_emoji)
 
+    shapes = actions.add_parser("shapes", help="build a synthetic set of coloured-shape scenes")
+    shapes.add_argument("out", type=Path, help="new folder for train/, heldout/ and split.json")
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
+    shapes.add_argument("--count", type=int, default=10000, help="training scenes (10000)")
+    shapes.add_argument("--heldout", type=int, help="held-out scenes (default count/20, >= 50)")
+    shapes.add_argument("--seed", type=int, default=0, help="seed of the scenes (0)")
+    shapes.set_defaults(run=run_shapes)
+
 
 def run_pack(args) -> int:
     from homediff.data.shards import pack_folder
@@ -86,5 +94,15 @@ def run_emoji(args) -> int:
                                   args.workers)
     print(f"emoji set in {args.out} ({summary.pop('seconds')} s): " +
           ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in summary.items()))
+    print(f"train on {args.out / 'train'}; the held-out split is in {args.out / 'split.json'}")
+    return 0
+
+
+def run_shapes(args) -> int:
+    from homediff.shapes import build_shapes_dataset
+
+    summary = build_shapes_dataset(args.out, args.size, args.count, args.heldout, args.seed)
+    print(f"shapes set in {args.out} ({summary['seconds']} s): {summary['train']} training and "
+          f"{summary['heldout']} held-out scenes")
     print(f"train on {args.out / 'train'}; the held-out split is in {args.out / 'split.json'}")
     return 0
