@@ -1,0 +1,128 @@
+"""``homediff demo``: a text-to-image model trained from scratch on a CPU, then shown and measured.
+
+1. builds the emoji set if it is missing (offline, about 10 s);
+2. trains the packaged ``tiny-emoji`` recipe, its length fitted to the time budget from the speed
+   of a few probe steps on this machine;
+3. writes into the output folder: ``model/`` (the pipeline), ``samples.png`` (prompts seen in
+   training and held-out combinations), ``camera.png`` (zoom and shifts on one prompt and seed),
+   ``loss.png``, and the evaluation report ``eval.md`` / ``eval.json`` with its PNGs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from homediff.config import TrainConfig, load_config
+from homediff.evaluate import EvalSettings, evaluate_fidelity, read_split
+from homediff.pipeline import HomeDiffPipeline, image_grid
+from homediff.train import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def recipe(name: str) -> Path:
+    """The path of a packaged recipe (``tiny-emoji``, ``tiny-shapes``, ``hdm-xut-base``)."""
+    return Path(str(resources.files("homediff") / "recipes" / f"{name}.toml"))
+
+
+def probe_seconds_per_step(config: TrainConfig, steps: int = 6, warmup: int = 3) -> float:
+    """Seconds per optimiser step of ``config`` on this machine, from a short throw-away run."""
+    config = copy.deepcopy(config)
+    config.train.sample_prompts = []
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, run_dir, max_steps=warmup + steps, checkpoint_every=10**9)
+        trainer.run(callback=lambda progress, batch: stamps.append(time.perf_counter()))
+    accum = config.stages[0].grad_accum
+    return (stamps[-1] - stamps[warmup * accum]) / (steps - 1)
+
+
+def fit_to_budget(config: TrainConfig, minutes: float) -> int:
+    """Set the single stage's length so that training takes about ``minutes``; returns the steps."""
+    seconds = probe_seconds_per_step(config)
+    steps = max(20, int(minutes * 60 / seconds))
+    config.stages[0].steps, config.stages[0].epochs = steps, 0.0
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)
+    logger.info("%.2f s per step here: %d steps fit in %.0f minutes", seconds, steps, minutes)
+    return steps
+
+
+def labelled_grid(rows: list[tuple[str, list[Image.Image]]], scale: int = 2,
+                  columns: list[str] | None = None) -> Image.Image:
+    """Rows of images with their prompt written on the left (and column titles above, if given)."""
+    tile = rows[0][1][0].size
+    width, height = tile[0] * scale, tile[1] * scale
+    label, top = 260, 14 if columns else 0
+    sheet = Image.new("RGB", (label + width * max(len(r[1]) for r in rows), top + height * len(rows)),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    for x, title in enumerate(columns or []):
+        draw.text((label + x * width + 2, 1), title, fill="black")
+    for y, (text, images) in enumerate(rows):
+        draw.text((4, top + y * height + height // 2 - 6), text[:42], fill="black")
+        for x, image in enumerate(images):
+            sheet.paste(image.resize((width, height), Image.NEAREST), (label + x * width, top + y * height))
+    return sheet
+
+
+def sample_sheets(pipe: HomeDiffPipeline, data: Path, out: Path, seeds: int = 4, rows: int = 6,
+                  steps: int = 24, cfg: float = 3.0) -> list[Path]:
+    """samples.png (seen prompts, then held-out ones) and camera.png."""
+    train, held = read_split(data)
+    seen = sorted(train)[:: max(1, len(train) // rows)][:rows]
+    prompts = [(f"seen: {c}", c) for c in seen] + [(f"held-out: {c}", c) for c in sorted(held)[:rows]]
+    size = pipe.sample_size
+
+    def images(prompt, **options):
+        return [pipe(prompt, height=options.pop("height", size), width=options.pop("width", size),
+                     num_inference_steps=steps, guidance_scale=cfg,
+                     generator=torch.Generator().manual_seed(seed), **options).images[0]
+                for seed in range(seeds)]
+
+    samples = labelled_grid([(label, images(prompt)) for label, prompt in prompts])
+    samples.save(out / "samples.png")
+    prompt = seen[0]
+    moves = [("as is", {}), ("zoom 1.5", {"zoom": 1.5}), ("zoom 0.7", {"zoom": 0.7}),
+             ("x -0.4", {"x_shift": -0.4}), ("x +0.4", {"x_shift": 0.4}), ("y +0.4", {"y_shift": 0.4})]
+    strip = [pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
+                  generator=torch.Generator().manual_seed(0), camera=camera).images[0]
+             for _, camera in moves]
+    wide = pipe(prompt, height=size, width=2 * size, num_inference_steps=steps, guidance_scale=cfg,
+                generator=torch.Generator().manual_seed(0)).images[0]
+    camera_sheet = labelled_grid([(f"camera: {prompt}", strip)], columns=[m for m, _ in moves])
+    sheet = Image.new("RGB", (camera_sheet.width, camera_sheet.height + wide.height * 2), "white")
+    sheet.paste(camera_sheet, (0, 0))
+    ImageDraw.Draw(sheet).text((4, camera_sheet.height + wide.height - 6), "2:1, same seed", fill="black")
+    sheet.paste(wide.resize((wide.width * 2, wide.height * 2), Image.NEAREST), (260, camera_sheet.height))
+    sheet.save(out / "camera.png")
+    return [out / "samples.png", out / "camera.png"]
+
+
+def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | Path = "data/emoji",
+             settings: EvalSettings | None = None) -> dict:
+    """Build the data if needed, train within ``minutes``, write samples and the evaluation."""
+    from homediff.data.emoji import build_emoji_dataset
+
+    out, data = Path(out), Path(data)
+    if not (data / "train").is_dir():
+        logger.warning("building the emoji set in %s", data)
+        build_emoji_dataset(data, size=64)
+    config = load_config(recipe("tiny-emoji"), [f"dataset.path={data / 'train'}"])
+    steps = fit_to_budget(config, minutes)
+    logger.warning("training %d steps (about %.0f minutes) into %s", steps, minutes, out)
+    model_dir = Trainer(config, out).run()
+    pipe = HomeDiffPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    sheets = sample_sheets(pipe, data, out)
+    report = evaluate_fidelity(pipe, data, settings or EvalSettings(progress=True), out=out)
+    report["files"] = [str(p) for p in [model_dir, *sheets, out / "loss.png", out / "eval.md"]]
+    report["steps"] = steps
+    return report
