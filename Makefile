@@ -15,7 +15,7 @@ $(INSTALLED): pyproject.toml
 	@touch $@
 
 demo: setup
-	$(PYTHON) benchmarks/model_step.py --preset xut-tiny --batch 8 --size 32 --text-tokens 32 --rounds 3
+	$(PYTHON) -m homediff demo --out runs/demo
 
 test: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest -q
