@@ -128,6 +128,16 @@ def test_skip_wirings_differ_and_train():
     assert rel_err(outs[0], outs[1]) > 1e-3
 
 
+def test_no_skip_is_a_plain_stack_of_the_same_blocks():
+    plain, last = tiny(skip="none"), tiny(skip="last")
+    missing = set(last.state_dict()) - set(plain.state_dict())
+    assert missing and all(".xattn" in k for k in missing)
+    assert set(plain.state_dict()) < set(last.state_dict())
+    x, t, ctx = inputs()
+    assert plain(x, t, ctx).shape == x.shape
+    assert forward_flops(plain.config, 8, 12, 5) < forward_flops(last.config, 8, 12, 5)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradients_reach_every_parameter_from_the_default_init(checkpointing):
     torch.manual_seed(0)

@@ -35,7 +35,8 @@ def forward_flops(c: XUTConfig, height: int, width: int, text_tokens: int,
     flops += (c.tread_pre_blocks + c.tread_post_blocks) * _block_flops(c, full)
     flops += sum(c.block_counts("enc_blocks")) * _block_flops(c, core)
     for n in c.block_counts("dec_blocks"):
-        flops += _block_flops(c, core, skip_tokens=core) + (n - 1) * _block_flops(c, core)
+        cross = core if c.skip != "none" else 0
+        flops += _block_flops(c, core, skip_tokens=cross) + (n - 1) * _block_flops(c, core)
     return flops
 
 

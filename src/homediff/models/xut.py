@@ -8,7 +8,8 @@ Layout of one forward pass over [image tokens (L) ; text tokens (T)]:
 
 Skip wiring ``"last"``: every decoder group attends to the final encoder output (the original code
 and the released weights). ``"mirror"``: decoder group i attends to encoder group depth − 1 − i (the
-HDM report's figure).
+HDM report's figure). ``"none"``: no cross-attention, a plain stack of the same blocks (for
+ablations).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class XUTConfig:
         if self.dim % self.head_dim or self.head_dim % 4:
             raise ConfigError(f"model.head_dim ({self.head_dim}) must divide model.dim ({self.dim}) "
                               "and be divisible by 4 (axial RoPE)")
-        if self.skip not in ("last", "mirror"):
-            raise ConfigError(f"model.skip must be 'last' or 'mirror', got {self.skip!r}")
+        if self.skip not in ("last", "mirror", "none"):
+            raise ConfigError(f"model.skip must be 'last', 'mirror' or 'none', got {self.skip!r}")
         if self.rope_init not in ("spaced", "hdm"):
             raise ConfigError(f"model.rope_init must be 'spaced' or 'hdm', got {self.rope_init!r}")
         if not 0 <= self.tread_rate < 1:
@@ -148,7 +149,8 @@ class UCore(nn.Module):
         self.skip = config.skip
         self.enc_blocks = nn.ModuleList(nn.ModuleList(make_block() for _ in range(n))
                                         for n in config.block_counts("enc_blocks"))
-        self.dec_blocks = nn.ModuleList(nn.ModuleList(make_block(cross=i == 0) for i in range(n))
+        cross = config.skip != "none"
+        self.dec_blocks = nn.ModuleList(nn.ModuleList(make_block(cross=cross and i == 0) for i in range(n))
                                         for n in config.block_counts("dec_blocks"))
 
     def forward(self, x, pos, mods, run):
@@ -158,7 +160,7 @@ class UCore(nn.Module):
                 x = run(block, x, pos, mods)
             encoded.append(x)
         for g, group in enumerate(self.dec_blocks):
-            skip = encoded[-1] if self.skip == "last" else encoded[len(encoded) - 1 - g]
+            skip = {"last": encoded[-1], "mirror": encoded[len(encoded) - 1 - g]}.get(self.skip)
             x = run(group[0], x, pos, mods, skip)
             for block in group[1:]:
                 x = run(block, x, pos, mods)
