@@ -107,7 +107,7 @@ def sample_sheets(pipe: HomeDiffPipeline, data: Path, out: Path, seeds: int = 4,
 
 
 def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | Path = "data/emoji",
-             settings: EvalSettings | None = None) -> dict:
+             settings: EvalSettings | None = None, overrides: list[str] = ()) -> dict:
     """Build the data if needed, train within ``minutes``, write samples and the evaluation."""
     from homediff.data.emoji import build_emoji_dataset
 
@@ -115,7 +115,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | P
     if not (data / "train").is_dir():
         logger.warning("building the emoji set in %s", data)
         build_emoji_dataset(data, size=64)
-    config = load_config(recipe("tiny-emoji"), [f"dataset.path={data / 'train'}"])
+    config = load_config(recipe("tiny-emoji"), [f"dataset.path={data / 'train'}", *overrides])
     steps = fit_to_budget(config, minutes)
     logger.warning("training %d steps (about %.0f minutes) into %s", steps, minutes, out)
     model_dir = Trainer(config, out).run()

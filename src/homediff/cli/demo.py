@@ -14,6 +14,8 @@ def register(commands) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     demo.add_argument("--minutes", type=float, default=15.0, help="training time budget")
     demo.add_argument("--data", type=Path, default=Path("data/emoji"), help="emoji set folder")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="change a value of the tiny-emoji recipe, e.g. --set stages.0.lr=0.3")
     demo.set_defaults(run=run)
 
 
@@ -21,7 +23,7 @@ def run(args) -> int:
     from homediff.demo import run_demo
     from homediff.evaluate import markdown
 
-    report = run_demo(args.out, args.minutes, args.data)
+    report = run_demo(args.out, args.minutes, args.data, overrides=args.overrides)
     print(markdown(report))
     print(f"trained {report['steps']} steps; written:")
     for path in report["files"]:
