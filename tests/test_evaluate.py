@@ -10,13 +10,7 @@ from homediff.evaluate import EvalSettings, caption_ranks, frechet_distance, top
 from homediff.shapes import build_shapes_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on shared cores, two threads wait on each other for every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ranks_take_each_captions_best_image_and_ties_favour_the_prompt():

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from homediff.config import TrainConfig, load_config
 from homediff.evaluate import EvalSettings, evaluate_fidelity, read_split
-from homediff.pipeline import HomeDiffPipeline, image_grid
+from homediff.pipeline import HomeDiffPipeline
 from homediff.train import Trainer
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from homediff import __version__
 from homediff.autoencoders import Autoencoder, KLAutoencoder, load_autoencoder
 from homediff.errors import CheckpointError, ConfigError
 from homediff.models import XUT, XUTConfig, load_hdm_state_dict
-from homediff.models.release import read_state_dict
+from homediff.models.release import arch_config, read_state_dict
 from homediff.models.rope import camera as camera_edit
 from homediff.models.rope import canonical_grid
 from homediff.samplers import check_rates, check_scale, get_sampler, guided_denoiser, time_grid
@@ -261,7 +261,7 @@ class HomeDiffPipeline:
         """
         state = read_state_dict(checkpoint)
         source = str(checkpoint)
-        transformer = load_hdm_state_dict(XUT(_release_config(arch)), state, source).eval()
+        transformer = load_hdm_state_dict(XUT(arch_config(arch)), state, source).eval()
         vae_state = _with_prefix(state, "vae.")
         stats = {}
         if "vae_mean" in state and "vae_std" in state:
@@ -278,19 +278,6 @@ class HomeDiffPipeline:
         if te_state:
             encoder.load_weights(te_state, source)
         return cls(transformer, encoder, autoencoder, sample_size=sample_size)
-
-
-def _release_config(arch) -> XUTConfig:
-    if arch is None:
-        return XUTConfig(rope_init="hdm")
-    if isinstance(arch, XUTConfig):
-        return arch
-    if isinstance(arch, (str, Path)):
-        try:
-            arch = json.loads(Path(arch).read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{arch}: cannot read the arch JSON ({err})") from err
-    return XUTConfig.from_hdm_config(arch.get("config", arch))
 
 
 def _with_prefix(state: dict, prefix: str) -> dict:

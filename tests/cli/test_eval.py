@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from homediff.autoencoders import PixelAutoencoder
 from homediff.cli import main
@@ -15,13 +14,7 @@ FAST = ["--per-caption", "1", "--seen", "3", "--heldout", "2", "--steps", "1",
         "--feature-size", "64", "--no-cache"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on shared cores, two threads wait on each other for every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

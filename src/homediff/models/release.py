@@ -94,7 +94,11 @@ def load_hdm_state_dict(model: XUT, state: dict[str, torch.Tensor], source: str 
     return model
 
 
-def _arch_config(arch) -> XUTConfig:
+def arch_config(arch) -> XUTConfig:
+    """An ``XUTConfig`` from an original arch JSON (dict, file, or metadata wrapping it), a config,
+    or None (the released XUT-base)."""
+    if arch is None:
+        return XUTConfig(rope_init="hdm")
     if isinstance(arch, XUTConfig):
         return arch
     if isinstance(arch, (str, Path)):
@@ -114,6 +118,6 @@ def load_hdm_checkpoint(path: str | Path, arch, *, dtype: torch.dtype = torch.fl
     path: .safetensors, or a torch/Lightning checkpoint; float16, bfloat16 or float32.
     arch: the original arch JSON (dict or file path) or an ``XUTConfig``.
     """
-    model = XUT(_arch_config(arch))
+    model = XUT(arch_config(arch))
     load_hdm_state_dict(model, read_state_dict(path), source=str(path))
     return model.to(device=device, dtype=dtype).eval()
