@@ -61,13 +61,13 @@ class EMA:
         self.decay = decay
         self.updates = 0
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.parameter_names = {name for name, _ in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        params = dict(model.named_parameters())
         for name, value in model.state_dict().items():
-            if name in params:
+            if name in self.parameter_names:
                 self.shadow[name].lerp_(value.float(), 1 - decay)
             else:
                 self.shadow[name].copy_(value)

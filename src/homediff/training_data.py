@@ -13,6 +13,7 @@ from pathlib import Path
 
 from homediff.config import DatasetSection
 from homediff.data import FolderDataset, ShardDataset, ShardProgress, make_loader
+from homediff.data.loader import distributed_rank
 from homediff.errors import ConfigError
 
 
@@ -50,12 +51,7 @@ class BatchStream:
         """Batches per epoch of this rank (folder datasets only)."""
         if self.kind != "folder":
             raise ConfigError("a stage over tar shards must give `steps`, not `epochs`")
-        return len(self.dataset) // self.batch_size // self._world()
-
-    def _world(self) -> int:
-        from homediff.data.loader import distributed_rank
-
-        return distributed_rank()[1]
+        return len(self.dataset) // self.batch_size // distributed_rank()[1]
 
     def _make_loader(self):
         return make_loader(self.dataset, self.batch_size, workers=self.section.workers, seed=self.seed)
