@@ -1,5 +1,6 @@
 import json
 from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,16 @@ def test_held_out_captions_bring_their_nearest_seen_captions_as_distractors():
                                             "waving hand: medium skin tone"}
     assert not set(seen) & set(distractors)
     assert evaluate.choose_captions(train, held, settings)[0] == seen  # seeded
+
+
+def test_evaluation_captions_follow_the_data_mix():
+    """A caption with many images (a single shape) is drawn far more often than one-image captions."""
+    train = {"a red circle": [Path(f"{i}.png") for i in range(60)],
+             **{f"a red circle above a blue square {i}": [Path("x.png")] for i in range(20)}}
+    picks = [evaluate.choose_captions(train, {}, EvalSettings(seen=3, seed=seed))[0]
+             for seed in range(20)]
+    assert sum("a red circle" in seen for seen in picks) >= 18
+    assert all(len(seen) == 3 == len(set(seen)) for seen in picks)
 
 
 class Oracle:

@@ -3,8 +3,9 @@ features, and composition on shapes scenes; JSON and Markdown reports and PNGs.
 
 Data: a folder with ``train/`` and ``heldout/`` image-caption folders (``homediff data emoji``,
 ``homediff data shapes``, or your own). Evaluation captions: ``seen`` distinct captions of train/
-and at most ``heldout`` of heldout/, drawn with the seed (sorted first, so runs repeat). Each is
-generated ``per_caption`` times; images repeat exactly for the same seed, captions and ``batch``.
+and at most ``heldout`` of heldout/, drawn with the seed in proportion to their number of images, so
+the mix follows the data (in the shapes set a single-object caption has many scenes, a relation
+caption one or two); sorted first, so runs repeat. Each is generated ``per_caption`` times; images repeat exactly for the same seed, captions and ``batch``.
 
 Prompt fidelity (``evaluate_fidelity``). The gallery holds the reference images (at most
 ``refs_per_caption`` per caption, first in file order) of the evaluation captions and of
@@ -119,10 +120,7 @@ def _words(text: str) -> set[str]:
 def choose_captions(train: dict, held: dict, settings: EvalSettings):
     """(seen, held-out, distractor) caption lists; see the module docstring."""
     rng = random.Random(settings.seed)
-    seen = sorted(train)
-    seen = sorted(rng.sample(seen, min(settings.seen, len(seen))))
-    heldout = sorted(held)
-    heldout = sorted(rng.sample(heldout, min(settings.heldout, len(heldout))))
+    seen, heldout = _draw(train, settings.seen, rng), _draw(held, settings.heldout, rng)
     if not seen and not heldout:
         raise ConfigError("no evaluation captions: give --seen or --heldout a positive number")
     pool = [(c, _words(c)) for c in sorted(train)]
@@ -132,6 +130,13 @@ def choose_captions(train: dict, held: dict, settings: EvalSettings):
         ranked = sorted(pool, key=lambda item: -len(words & item[1]) / len(words | item[1]))
         chosen.update(c for c, _ in ranked[:settings.distractors])
     return seen, heldout, sorted(chosen - set(seen))
+
+
+def _draw(captions: dict, count: int, rng: random.Random) -> list[str]:
+    """``count`` distinct captions, each drawn with probability proportional to its images."""
+    tickets = [c for c in sorted(captions) for _ in range(max(1, len(captions[c])))]
+    rng.shuffle(tickets)
+    return sorted(list(dict.fromkeys(tickets))[:count])
 
 
 def load_image(path: Path, size: int | None = None) -> torch.Tensor:
