@@ -1,6 +1,11 @@
 """Do XUT's claims hold at laptop scale? Skip wiring and routing, at equal parameters and CPU time.
 
-    python benchmarks/ablations.py --minutes 3 --seeds 0 1            # about an hour on 2 cores
+    python benchmarks/ablations.py --minutes 3 --seeds 0 1            # about 80 minutes
+
+On 2 cores, the two tasks run side by side (one thread each) take about 45 minutes:
+
+    export OMP_NUM_THREADS=1
+    python benchmarks/ablations.py --tasks emoji & python benchmarks/ablations.py --tasks shapes
 
 Tasks: ``emoji`` (the tiny-emoji recipe, scored by caption retrieval) and ``shapes`` (the
 tiny-shapes recipe, scored by the rule-based composition checker). Variants of each recipe:
@@ -9,9 +14,11 @@ tiny-shapes recipe, scored by the rule-based composition checker). Variants of e
   no-skip   the same blocks without cross-attention (a DiT-style stack with concatenated text), its
             MLP widened to the same parameter count
   no-route  "last" without TREAD routing
+  no-route-half-lr  the same at half the learning rate (without routing the recipe's LR can diverge)
 Each variant trains for --minutes of wall-clock time per seed (its steps fitted by a probe run, so a
-faster variant gets more steps), then is scored with its task's evaluation. Each task gets a table of the mean and the spread
-(max − min) over seeds; the loss curves go to --out/TASK-loss.png, the numbers to --out/TASK.json.
+faster variant gets more steps), then is scored with its task's evaluation. Each task gets a table
+of the mean and the spread (max − min) over seeds; the loss curves go to --out/TASK-loss.png, the
+numbers to --out/TASK.json.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from homediff.pipeline import HomeDiffPipeline
 from homediff.plots import line_plot, smooth
 from homediff.train import Trainer
 
-VARIANTS = {"last": {"skip": "last"}, "mirror": {"skip": "mirror"}, "no-skip": {"skip": "none"},
-            "no-route": {"skip": "last"}}
+# variant: (skip wiring, routing rate or None for the recipe's, factor on the recipe's LR)
+VARIANTS = {"last": ("last", None, 1.0), "mirror": ("mirror", None, 1.0), "no-skip": ("none", None, 1.0),
+            "no-route": ("last", 0.0, 1.0), "no-route-half-lr": ("last", 0.0, 0.5)}
 
 
 def parameters(config: XUTConfig) -> int:
@@ -81,9 +89,11 @@ BUILD = {"emoji": "homediff data emoji data/emoji --size 64",
 def variant_config(base, name: str, seed: int):
     config = copy.deepcopy(base)
     config.train.seed = seed
-    config.model.overrides.update(VARIANTS[name])
-    if name == "no-route":
-        config.stages[0].tread_rate = 0.0
+    skip, rate, lr_factor = VARIANTS[name]
+    config.model.overrides["skip"] = skip
+    if rate is not None:
+        config.stages[0].tread_rate = rate
+    config.stages[0].lr *= lr_factor
     if name == "no-skip":  # both recipes are in pixel space (3 channels) with MiniLM (384-d)
         probe = XUTConfig.preset(config.model.preset, in_channels=3, ctx_dim=384,
                                  **{k: v for k, v in base.model.overrides.items() if k != "skip"})
