@@ -101,6 +101,15 @@ def variant_config(base, name: str, seed: int):
     return config
 
 
+def cell(runs: list[dict], key: str, percent: bool = True) -> str:
+    """Mean over seeds with the spread (max − min) in brackets; "–" where nothing was scored."""
+    values = [r[key] for r in runs if r[key] is not None]
+    if not values:
+        return "–"
+    scale = 100 if percent else 1
+    return f"{statistics.mean(values) * scale:.1f} ({(max(values) - min(values)) * scale:.1f})"
+
+
 def run_task(task: str, args) -> None:
     recipe_name, data, scores, columns = TASKS[task]
     if not (data / "train").is_dir():
@@ -130,16 +139,9 @@ def run_task(task: str, args) -> None:
           + " | ".join(heading for _, heading, _ in columns) + " |")
     print("|---" * (4 + len(columns)) + "|")
     for name, runs in results.items():
-        def cell(key, percent=True):
-            values = [r[key] for r in runs if r[key] is not None]
-            if not values:
-                return "–"
-            scale = 100 if percent else 1
-            return (f"{statistics.mean(values) * scale:.1f} "
-                    f"({(max(values) - min(values)) * scale:.1f})")
         print(f"| {name} | {runs[0]['parameters']:,} | "
-              f"{statistics.mean(r['steps'] for r in runs):.0f} | {cell('loss', False)} | "
-              + " | ".join(cell(key, percent) for key, _, percent in columns) + " |")
+              f"{statistics.mean(r['steps'] for r in runs):.0f} | {cell(runs, 'loss', False)} | "
+              + " | ".join(cell(runs, key, percent) for key, _, percent in columns) + " |")
 
 
 def main() -> None:

@@ -81,22 +81,19 @@ def sample_sheets(pipe: HomeDiffPipeline, data: Path, out: Path, seeds: int = 4,
     prompts = [(f"seen: {c}", c) for c in seen] + [(f"held-out: {c}", c) for c in sorted(held)[:rows]]
     size = pipe.sample_size
 
-    def images(prompt, **options):
-        return [pipe(prompt, height=options.pop("height", size), width=options.pop("width", size),
-                     num_inference_steps=steps, guidance_scale=cfg,
-                     generator=torch.Generator().manual_seed(seed), **options).images[0]
-                for seed in range(seeds)]
+    def draw(prompt: str, seed: int, height: int = size, width: int = size, **options):
+        return pipe(prompt, height=height, width=width, num_inference_steps=steps,
+                    guidance_scale=cfg, generator=torch.Generator().manual_seed(seed),
+                    **options).images[0]
 
-    samples = labelled_grid([(label, images(prompt)) for label, prompt in prompts])
+    samples = labelled_grid([(label, [draw(prompt, seed) for seed in range(seeds)])
+                             for label, prompt in prompts])
     samples.save(out / "samples.png")
     prompt = seen[0]
     moves = [("as is", {}), ("zoom 1.5", {"zoom": 1.5}), ("zoom 0.7", {"zoom": 0.7}),
              ("x -0.4", {"x_shift": -0.4}), ("x +0.4", {"x_shift": 0.4}), ("y +0.4", {"y_shift": 0.4})]
-    strip = [pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
-                  generator=torch.Generator().manual_seed(0), camera=camera).images[0]
-             for _, camera in moves]
-    wide = pipe(prompt, height=size, width=2 * size, num_inference_steps=steps, guidance_scale=cfg,
-                generator=torch.Generator().manual_seed(0)).images[0]
+    strip = [draw(prompt, 0, camera=camera) for _, camera in moves]
+    wide = draw(prompt, 0, width=2 * size)
     camera_sheet = labelled_grid([(f"camera: {prompt}", strip)], columns=[m for m, _ in moves])
     sheet = Image.new("RGB", (camera_sheet.width, camera_sheet.height + wide.height * 2), "white")
     sheet.paste(camera_sheet, (0, 0))

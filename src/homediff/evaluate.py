@@ -271,9 +271,9 @@ def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = No
     round_trip = reference_features([p for _, p in evaluated], size, settings, model)
     wanted = set(seen) | set(heldout)
     references = gallery[[i for i, c in enumerate(gallery_captions) if c in wanted]]
-    timer = [time.perf_counter()]
+    referenced = time.perf_counter()
     images = generate(pipe, seen + heldout, settings, size)
-    timer.append(time.perf_counter())
+    generated_at = time.perf_counter()
     generated = embed(list(images), settings, model, "generated images")
     prompts = [c for c in seen + heldout for _ in range(settings.per_caption)]
     report = {"kind": "fidelity", "data": str(data), "resolution": size,
@@ -295,8 +295,8 @@ def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = No
                     "round_trip": frechet_distance(round_trip, references) if enough else None,
                     "samples": [len(generated), len(references)],
                     "feature_size": settings.feature_size}
-    report["seconds"] = {"references": round(timer[0] - started, 1),
-                         "generation": round(timer[1] - timer[0], 1),
+    report["seconds"] = {"references": round(referenced - started, 1),
+                         "generation": round(generated_at - referenced, 1),
                          "total": round(time.perf_counter() - started, 1)}
     if out is not None:
         tiles = [load_image(p, size) for _, p in evaluated]
