@@ -97,6 +97,24 @@ def test_stage_transition_changes_resolution_batch_and_lr(assets, tmp_path, monk
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "model.safetensors").is_file()
 
 
+def test_a_time_budget_refits_the_stage_length_and_its_lr_schedule(assets, tmp_path, monkeypatch):
+    config = tiny_config(*assets, stages=[{"resolution": 8, "batch_size": 4, "lr": 0.5,
+                                           "steps": 1000}], optimizer={"warmup_steps": 0})
+    trainer = Trainer(config, tmp_path, time_budget=30.0)
+    clock = type("Clock", (), {"perf_counter": lambda: 2.0 * trainer.progress.step})  # 2 s a step
+    monkeypatch.setattr(train_module, "time", clock)
+    multipliers = []
+    real_multiplier = train_module.lr_multiplier
+    monkeypatch.setattr(train_module, "lr_multiplier", lambda step, total, warmup, low: (
+        multipliers.append(real_multiplier(step, total, warmup, low)), multipliers[-1])[1])
+    trainer.run()
+    assert trainer.progress.step == 15  # refitted at step 10: 30 s at 2 s a step
+    assert multipliers[10] < 0.5 < 0.99 < multipliers[9]  # the cosine jumps ahead to 10 of 15 steps
+    with pytest.raises(ConfigError, match="one stage"):
+        Trainer(tiny_config(*assets, stages=[{"resolution": 8, "steps": 1}] * 2), tmp_path,
+                time_budget=30.0)
+
+
 def test_non_finite_losses_skip_steps_then_stop(assets, tmp_path, monkeypatch):
     config = tiny_config(*assets, train={"max_bad_steps": 3, "sample_prompts": []})
     trainer = Trainer(config, tmp_path)

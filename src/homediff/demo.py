@@ -1,8 +1,8 @@
 """``homediff demo``: a text-to-image model trained from scratch on a CPU, then shown and measured.
 
 1. builds the emoji set if it is missing (offline, about 10 s);
-2. trains the packaged ``tiny-emoji`` recipe, its length fitted to the time budget from the speed
-   of a few probe steps on this machine;
+2. trains the packaged ``tiny-emoji`` recipe for the time budget: a few probe steps set the
+   warm-up and a first length, which the trainer re-fits to the budget as it measures its speed;
 3. writes into the output folder: ``model/`` (the pipeline), ``samples.png`` (prompts seen in
    training and held-out combinations), ``camera.png`` (zoom and shifts on one prompt and seed),
    ``loss.png``, and the evaluation report ``eval.md`` / ``eval.json`` with its PNGs.
@@ -114,12 +114,13 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | P
         build_emoji_dataset(data, size=64)
     config = load_config(recipe("tiny-emoji"), [f"dataset.path={data / 'train'}", *overrides])
     steps = fit_to_budget(config, minutes)
-    logger.warning("training %d steps (about %.0f minutes) into %s", steps, minutes, out)
-    model_dir = Trainer(config, out).run()
+    logger.warning("training for %.0f minutes (about %d steps) into %s", minutes, steps, out)
+    trainer = Trainer(config, out, time_budget=minutes * 60)
+    model_dir = trainer.run()
     pipe = HomeDiffPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     sheets = sample_sheets(pipe, data, out)
     report = evaluate_fidelity(pipe, data, settings or EvalSettings(progress=True), out=out)
     report["files"] = [str(p) for p in [model_dir, *sheets, out / "loss.png", out / "eval.md"]]
-    report["steps"] = steps
+    report["steps"] = trainer.progress.step
     return report

@@ -57,6 +57,12 @@ class Monitor:
         self.bar = tqdm(total=total, initial=done, desc=f"stage {index + 1}/{len(self.config.stages)} "
                         f"{name}", unit="step", dynamic_ncols=True, file=sys.stderr)
 
+    def set_total(self, total: int) -> None:
+        """A new length for the stage's progress bar."""
+        if self.bar:
+            self.bar.total = total
+            self.bar.refresh()
+
     def count_problems(self, batch: dict) -> None:
         self.problems.update(batch.get("problems", {}))
 

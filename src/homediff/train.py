@@ -8,6 +8,10 @@ A run folder holds ``checkpoints/`` (every ``checkpoint_every`` steps and at eac
 at the end, ``model/`` (a pipeline folder of the EMA weights), ``model.safetensors`` (the EMA
 backbone in one file) and ``loss.png``. The same code runs on a CPU, one GPU, or many GPUs and
 nodes under ``accelerate launch`` or ``torchrun``.
+
+``time_budget`` (seconds, single-stage configs; ``homediff demo``): every ``REFIT_EVERY`` steps the
+stage's length is re-fitted so that training ends on the budget at the mean step time so far, and
+the cosine learning-rate schedule follows the new length.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from homediff.training_data import BatchStream
 
 logger = logging.getLogger(__name__)
 
+REFIT_EVERY = 10
+
 
 class TrainingStopped(HomediffError):
     """Training stopped before its end (bad steps in a row)."""
@@ -61,13 +67,18 @@ class Progress:
 
 class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: str | None = None,
-                 max_steps: int | None = None, checkpoint_every: int | None = None):
+                 max_steps: int | None = None, checkpoint_every: int | None = None,
+                 time_budget: float | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
         self.config = config
         self.run_dir = Path(run_dir)
         self.max_steps = max_steps
+        if time_budget is not None and (time_budget <= 0 or len(config.stages) != 1):
+            raise ConfigError("a time budget needs a positive number of seconds and a config with "
+                              f"one stage (got {time_budget} s, {len(config.stages)} stages)")
+        self.time_budget = time_budget
         self.checkpoint_every = checkpoint_every or config.train.checkpoint_every
         handlers = []
         if config.train.fp16_grad_compression:
@@ -247,6 +258,7 @@ class Trainer:
         self.monitor.start_stage(index, stage, total, self.progress.stage_step, flops)
         self.model.train()
         bad_steps, micro, losses = 0, 0, []
+        started, first_step = time.perf_counter(), self.progress.stage_step
         while self.progress.stage_step < total:
             for batch in self.stream.epoch(self.progress.epoch, self.progress.batch):
                 if callback:
@@ -290,6 +302,9 @@ class Trainer:
                                   stage.batch_size * stage.grad_accum * self.accelerator.num_processes)
                 if self._should_sample():
                     self.sample()
+                if self.time_budget and self.progress.stage_step % REFIT_EVERY == 0:
+                    total = self._fit_to_time_budget(started, first_step)
+                    self.monitor.set_total(total)
                 done = self.progress.stage_step >= total
                 stop = self._stop_signal is not None or self.progress.step == self.max_steps
                 if done or stop or self.progress.step % self.checkpoint_every == 0:
@@ -308,6 +323,14 @@ class Trainer:
             self.progress.epoch += 1
             self.progress.batch = 0
         return True
+
+    def _fit_to_time_budget(self, started: float, first_step: int) -> int:
+        """The stage length at which this run's training ends on its time budget, from the mean
+        time of the steps so far (every process gets the same answer)."""
+        elapsed = self.accelerator.reduce(torch.tensor(time.perf_counter() - started,
+                                                       device=self.device), "mean").item()
+        done = self.progress.stage_step - first_step
+        return max(self.progress.stage_step + 1, first_step + round(done * self.time_budget / elapsed))
 
     def _next_stage_position(self) -> None:
         self.progress.stage += 1
