@@ -138,6 +138,23 @@ def test_no_skip_is_a_plain_stack_of_the_same_blocks():
     assert forward_flops(plain.config, 8, 12, 5) < forward_flops(last.config, 8, 12, 5)
 
 
+def test_pooled_text_starts_as_the_time_only_model_and_then_conditions_the_adaln():
+    torch.manual_seed(0)
+    pooled, plain = tiny(pooled_text=True).eval(), tiny().eval()
+    extra = set(pooled.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("pooled_text_proj.") for k in extra)
+    perturb(plain)
+    pooled.load_state_dict(plain.state_dict(), strict=False)
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        assert torch.allclose(pooled(x, t, ctx), plain(x, t, ctx), atol=1e-6)  # zero-initialised
+        perturb(pooled.pooled_text_proj)
+        text_only = [m.scale for m in pooled._conditioning(t, None, ctx, 8, 12)]
+        other_text = [m.scale for m in pooled._conditioning(t, None, ctx.flip(0), 8, 12)]
+    assert all(a.shape == (2, 1, 64) and rel_err(a, b) > 1e-3 for a, b in zip(text_only, other_text))
+    assert forward_flops(pooled.config, 8, 12, 5) > forward_flops(plain.config, 8, 12, 5)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradients_reach_every_parameter_from_the_default_init(checkpointing):
     torch.manual_seed(0)

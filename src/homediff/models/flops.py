@@ -32,6 +32,8 @@ def forward_flops(c: XUTConfig, height: int, width: int, text_tokens: int,
     flops += 2 * d * d + 3 * (2 * d * 4 * d + 2 * 4 * d * 3 * d)  # time embedding, shared adaLN
     if c.aspect_embedding:
         flops += 2 * d + 2 * d * d
+    if c.pooled_text:
+        flops += 2 * c.ctx_dim * d + 2 * d * d
     flops += (c.tread_pre_blocks + c.tread_post_blocks) * _block_flops(c, full)
     flops += sum(c.block_counts("enc_blocks")) * _block_flops(c, core)
     for n in c.block_counts("dec_blocks"):

@@ -10,6 +10,10 @@ Skip wiring ``"last"``: every decoder group attends to the final encoder output 
 and the released weights). ``"mirror"``: decoder group i attends to encoder group depth − 1 − i (the
 HDM report's figure). ``"none"``: no cross-attention, a plain stack of the same blocks (for
 ablations).
+
+``pooled_text`` (not in HDM): the mean of the text states, through a small MLP whose last layer
+starts at zero, is added to the time embedding that drives the shared adaLN, as SD3 and Flux add a
+pooled text vector. Every block is then modulated by the caption as well as by the time.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class XUTConfig:
     tread_post_blocks: int = 3
     tread_rate: float = 0.5
     aspect_embedding: bool = True
+    pooled_text: bool = False
     skip: str = "last"
     rope_init: str = "spaced"
     gradient_checkpointing: bool = False
@@ -184,6 +189,11 @@ class XUT(nn.Module):
                                                       nn.Linear(c.dim, c.dim))
             nn.init.zeros_(self.addon_info_embs_proj[2].weight)
             nn.init.zeros_(self.addon_info_embs_proj[2].bias)
+        if c.pooled_text:
+            self.pooled_text_proj = nn.Sequential(nn.Linear(c.ctx_dim, c.dim), nn.Mish(),
+                                                  nn.Linear(c.dim, c.dim))
+            nn.init.zeros_(self.pooled_text_proj[2].weight)
+            nn.init.zeros_(self.pooled_text_proj[2].bias)
         self.shared_adaln_attn = shared_adaln(c.dim)
         self.shared_adaln_xattn = shared_adaln(c.dim)
         self.shared_adaln_ffw = shared_adaln(c.dim)
@@ -218,9 +228,12 @@ class XUT(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _conditioning(self, t, aspect, batch: int, height: int, width: int, device) -> Modulations:
+    def _conditioning(self, t, aspect, ctx, height: int, width: int) -> Modulations:
+        batch, device = ctx.shape[0], ctx.device
         t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(batch)
         cond = self.time_emb(t)
+        if self.config.pooled_text:
+            cond = cond + self.pooled_text_proj(ctx.mean(dim=1, keepdim=True).to(cond.dtype))
         if self.config.aspect_embedding:
             if aspect is None:
                 aspect = math.log(width / height)
@@ -252,7 +265,7 @@ class XUT(nn.Module):
                              f"{height}x{width} input, got {tuple(pos_map.shape)}")
         else:
             pos = resize_to_patches(pos_map, height, width, p)
-        mods = self._conditioning(t, aspect, batch, height, width, x.device)
+        mods = self._conditioning(t, aspect, ctx, height, width)
         seq = torch.cat((self.in_patch(x), self.ctx_proj(ctx)), dim=1)
         pos = torch.cat((pos, pos.new_zeros(batch, ctx.shape[1], 2)), dim=1)
 
