@@ -15,8 +15,9 @@ tiny-shapes recipe, scored by the rule-based composition checker). Variants of e
             MLP widened to the same parameter count
   no-route  "last" without TREAD routing
   no-route-half-lr  the same at half the learning rate (without routing the recipe's LR can diverge)
-Each variant trains for --minutes of wall-clock time per seed (its steps fitted by a probe run, so a
-faster variant gets more steps), then is scored with its task's evaluation. Each task gets a table
+Each variant trains for --minutes of wall-clock time per seed (the trainer fits its steps to the
+time, so a faster variant gets more steps), with the same LR warm-up (--warmup, default the
+recipe's 100 steps), then is scored with its task's evaluation. Each task gets a table
 of the mean and the spread (max − min) over seeds; the loss curves go to --out/TASK-loss.png, the
 numbers to --out/TASK.json.
 """
@@ -120,13 +121,15 @@ def run_task(task: str, args) -> None:
     for name in args.variants:
         for seed in args.seeds:
             config = variant_config(base, name, seed)
-            steps = fit_to_budget(config, args.minutes)
-            trainer = Trainer(config, args.out / f"{task}-{name}-seed{seed}")
+            fit_to_budget(config, args.minutes)
+            config.optimizer.warmup_steps = args.warmup or base.optimizer.warmup_steps
+            trainer = Trainer(config, args.out / f"{task}-{name}-seed{seed}",
+                              time_budget=args.minutes * 60)
             pipe = HomeDiffPipeline.from_pretrained(trainer.run())
             pipe.set_progress_bar_config(disable=True)
             losses = trainer.progress.losses
             results.setdefault(name, []).append({
-                "steps": steps, "parameters": trainer.unwrapped.num_parameters(),
+                "steps": trainer.progress.step, "parameters": trainer.unwrapped.num_parameters(),
                 "loss": statistics.mean(v for _, v in losses[-50:]),
                 **scores(pipe, data, args.per_caption, seed)})
             curves[f"{name} s{seed}"] = ([s for s, _ in losses], smooth([v for _, v in losses], 25))
@@ -147,6 +150,8 @@ def run_task(task: str, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--minutes", type=float, default=3.0, help="training time per run")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="LR warm-up steps for every run (default: the recipe's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--out", type=Path, default=Path("runs/ablations"))

@@ -115,6 +115,18 @@ def test_a_time_budget_refits_the_stage_length_and_its_lr_schedule(assets, tmp_p
                 time_budget=30.0)
 
 
+def test_training_times_follow_the_configured_logit_normal(assets, tmp_path, monkeypatch):
+    config = tiny_config(*assets, train={"time_mean": -1.0, "time_std": 0.5, "sample_prompts": []},
+                         stages=[{"resolution": 8, "batch_size": 8, "steps": 3}])
+    times = []
+    real_add_noise = train_module.flow.add_noise
+    monkeypatch.setattr(train_module.flow, "add_noise",
+                        lambda x0, noise, t: (times.append(t), real_add_noise(x0, noise, t))[1])
+    Trainer(config, tmp_path).run()
+    logits = torch.logit(torch.cat(times))
+    assert len(logits) == 24 and -1.4 < logits.mean() < -0.6 and 0.25 < logits.std() < 0.8
+
+
 def test_non_finite_losses_skip_steps_then_stop(assets, tmp_path, monkeypatch):
     config = tiny_config(*assets, train={"max_bad_steps": 3, "sample_prompts": []})
     trainer = Trainer(config, tmp_path)

@@ -100,6 +100,8 @@ class TrainSection:
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 24
     sample_cfg: float = 3.0
+    time_mean: float = 0.0  # training flow times t = sigmoid(mean + std·N(0, 1)) (HDM: 0, 1)
+    time_std: float = 1.0
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     fp16_grad_compression: bool = False
     cache_text: bool = False

@@ -355,7 +355,9 @@ class Trainer:
             side = images.shape[-1]
             grid = pos.transpose(1, 2).reshape(-1, 2, side, side)
             pos = F.avg_pool2d(grid, factor).flatten(2).transpose(1, 2)
-        t = flow.sample_time(x0.shape[0], generator=self.generator, device=self.device)
+        t = flow.sample_time(x0.shape[0], mean=self.config.train.time_mean,
+                             std=self.config.train.time_std, generator=self.generator,
+                             device=self.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
         with self.accelerator.autocast():
             prediction = self.model(flow.add_noise(x0, noise, t), t, ctx.to(self.device), pos_map=pos,
