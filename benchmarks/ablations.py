@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from homediff.config import load_config
-from homediff.demo import fit_to_budget, recipe
+from homediff.demo import recipe
 from homediff.evaluate import EvalSettings, evaluate_fidelity, evaluate_shapes
 from homediff.models import XUT, XUTConfig
 from homediff.pipeline import HomeDiffPipeline
@@ -121,8 +121,8 @@ def run_task(task: str, args) -> None:
     for name in args.variants:
         for seed in args.seeds:
             config = variant_config(base, name, seed)
-            fit_to_budget(config, args.minutes)
-            config.optimizer.warmup_steps = args.warmup or base.optimizer.warmup_steps
+            if args.warmup:
+                config.optimizer.warmup_steps = args.warmup
             trainer = Trainer(config, args.out / f"{task}-{name}-seed{seed}",
                               time_budget=args.minutes * 60)
             pipe = HomeDiffPipeline.from_pretrained(trainer.run())

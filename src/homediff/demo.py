@@ -46,7 +46,8 @@ def probe_seconds_per_step(config: TrainConfig, steps: int = 6, warmup: int = 3)
 
 
 def fit_to_budget(config: TrainConfig, minutes: float) -> int:
-    """Set the single stage's length so that training takes about ``minutes``; returns the steps."""
+    """A first estimate of the single stage's length for ``minutes`` (a time-budgeted trainer
+    re-fits it), with the warm-up capped at a tenth of it; returns the steps."""
     seconds = probe_seconds_per_step(config)
     steps = max(20, int(minutes * 60 / seconds))
     config.stages[0].steps, config.stages[0].epochs = steps, 0.0
