@@ -46,6 +46,14 @@ def test_nested_dataclass_validation_reaches_data_options(tmp_path):
         load_config(write(tmp_path, MINIMAL + "[dataset.options.captions]\ncaption_dropout = 2.0\n"))
 
 
+@pytest.mark.parametrize("line, message", [("time_std = -0.5", "train.time_std must be >= 0"),
+                                            ("contrastive_weight = 1.0",
+                                             r"train.contrastive_weight must be in \[0, 1\)")])
+def test_training_objective_values_are_checked_on_load(tmp_path, line, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, MINIMAL + f"[train]\n{line}\n"))
+
+
 def test_stage_must_have_a_length(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[0\] must set exactly one of steps or epochs"):
         load_config(write(tmp_path, MINIMAL.replace("steps = 10", "")))

@@ -68,6 +68,18 @@ def test_loss_is_the_mean_squared_velocity_error():
     assert torch.allclose(prediction.grad, torch.full_like(target, 2 * 0.5 / target.numel()))
 
 
+def test_contrastive_loss_subtracts_the_error_to_another_samples_velocity():
+    x0, noise = torch.randn(3, 2, 4, 4, generator=gen(0)), torch.randn(3, 2, 4, 4, generator=gen(1))
+    target = noise - x0
+    prediction = target + 0.5
+    others = torch.stack([target[2], target[0], target[1]])  # sample i is pushed away from i - 1's
+    expected = 0.25 - 0.05 * (prediction - others).square().mean()
+    assert flow_loss(prediction, x0, noise, contrastive=0.05).item() == pytest.approx(expected.item())
+    assert flow_loss(prediction, x0, noise, contrastive=0.0).item() == pytest.approx(0.25)
+    single = flow_loss(prediction[:1], x0[:1], noise[:1], contrastive=0.05)  # no other sample
+    assert single.item() == pytest.approx(0.25)
+
+
 @pytest.mark.parametrize("call", [lambda: shift_time(torch.ones(1), 0.0),
                                   lambda: sample_time(2, std=-1.0)])
 def test_invalid_settings_raise(call):

@@ -102,6 +102,7 @@ class TrainSection:
     sample_cfg: float = 3.0
     time_mean: float = 0.0  # training flow times t = sigmoid(mean + std·N(0, 1)) (HDM: 0, 1)
     time_std: float = 1.0
+    contrastive_weight: float = 0.0  # ΔFM's λ: minus λ·MSE to another sample's velocity (0: off)
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     fp16_grad_compression: bool = False
     cache_text: bool = False
@@ -132,6 +133,11 @@ class TrainConfig:
                 raise ConfigError(f"stages[{i}]: resolution, batch_size and grad_accum must be positive")
         if self.optimizer.lr_rule not in ("fan_in", "plain"):
             raise ConfigError(f"optimizer.lr_rule must be 'fan_in' or 'plain', got {self.optimizer.lr_rule!r}")
+        if self.train.time_std < 0:
+            raise ConfigError(f"train.time_std must be >= 0, got {self.train.time_std}")
+        if not 0 <= self.train.contrastive_weight < 1:
+            raise ConfigError("train.contrastive_weight must be in [0, 1), got "
+                              f"{self.train.contrastive_weight}")
         if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError("train.mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', "
                               f"got {self.train.mixed_precision!r}")

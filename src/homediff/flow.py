@@ -4,7 +4,9 @@ Convention: flow time t ∈ [0, 1] with t = 1 pure noise. For data x0 and noise 
 
     x_t = t·ε + (1 − t)·x0,        target velocity v = dx_t/dt = ε − x0,
 
-and the model is trained with the plain MSE between its prediction and v. Times are drawn from a
+and the model is trained with the plain MSE between its prediction and v, optionally minus λ times
+the MSE to another sample's velocity in the batch (contrastive flow matching, ΔFM: conditional flows
+pushed apart, so a caption's flow is less an average of everyone's). Times are drawn from a
 logit-normal, t = sigmoid(mean + std·u) with u ~ N(0, 1) (HDM: mean 0, std 1), optionally shifted
 towards noise for larger images: t ← s·t / (1 + (s − 1)·t), with s = √(pixels / base pixels) from
 ``resolution_shift`` (SD3's rule). Pure functions over tensors; every random draw takes a generator.
@@ -59,6 +61,12 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between predicted and target velocity, over every element."""
-    return F.mse_loss(prediction.float(), velocity_target(x0, noise).float())
+def flow_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+              contrastive: float = 0.0) -> torch.Tensor:
+    """Mean squared error between predicted and target velocity, over every element; with
+    ``contrastive`` λ > 0, minus λ times the error to the next sample's target (batch rolled by one)."""
+    prediction, target = prediction.float(), velocity_target(x0, noise).float()
+    loss = F.mse_loss(prediction, target)
+    if contrastive and len(target) > 1:
+        loss = loss - contrastive * F.mse_loss(prediction, target.roll(1, dims=0))
+    return loss

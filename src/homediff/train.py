@@ -363,7 +363,7 @@ class Trainer:
             prediction = self.model(flow.add_noise(x0, noise, t), t, ctx.to(self.device), pos_map=pos,
                                     aspect=batch["aspect"].to(self.device),
                                     tread_rate=stage.tread_rate, generator=self.generator)
-        return flow.flow_loss(prediction, x0, noise)
+        return flow.flow_loss(prediction, x0, noise, self.config.train.contrastive_weight)
 
     def _moments(self, images: torch.Tensor, pos: torch.Tensor, keys: list[str]) -> torch.Tensor:
         cache = self.caches.get("latents")
