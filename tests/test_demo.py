@@ -2,7 +2,8 @@ from PIL import Image
 from train_helpers import square_folder, text_encoder_folder, tiny_config
 
 from homediff.config import load_config
-from homediff.demo import fit_to_budget, labelled_grid, recipe, sample_sheets
+from homediff.checkpoint import list_checkpoints
+from homediff.demo import fit_to_budget, labelled_grid, recipe, sample_sheets, train_for
 from homediff.pipeline import HomeDiffPipeline
 from homediff.train import Trainer
 
@@ -17,6 +18,17 @@ def test_fit_to_budget_sets_the_stage_length(tmp_path):
     steps = fit_to_budget(config, minutes=0.1)
     assert config.stages[0].steps == steps >= 20
     assert config.optimizer.warmup_steps <= steps // 10
+
+
+def test_training_for_a_time_budget_in_two_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = tiny_config(square_folder(tmp_path / "sq"), text_encoder_folder(tmp_path / "te"),
+                         train={"sample_prompts": [], "checkpoint_every": 10**6})
+    config.stages[0].steps = 10**6  # the budget, not the stage length, ends this run
+    steps = train_for(config, tmp_path / "run", minutes=0.1, processes=2)
+    assert 10 <= steps < 10**6
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [f"step-{steps:08d}"]
+    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
 
 
 def test_sample_sheets_show_seen_and_heldout_prompts_and_the_camera(tmp_path):

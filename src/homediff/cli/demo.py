@@ -14,6 +14,9 @@ def register(commands) -> None:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     demo.add_argument("--minutes", type=float, default=15.0, help="training time budget")
     demo.add_argument("--data", type=Path, default=Path("data/emoji"), help="emoji set folder")
+    demo.add_argument("--processes", type=int,
+                      help="data-parallel training processes (default: 2 on a CPU with 2 cores or "
+                           "more, each with the recipe's batch; 1 with a GPU)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="change a value of the tiny-emoji recipe, e.g. --set stages.0.lr=0.3")
     demo.set_defaults(run=run)
@@ -21,11 +24,15 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from homediff.demo import run_demo
+    from homediff.errors import ConfigError
     from homediff.evaluate import markdown
 
-    report = run_demo(args.out, args.minutes, args.data, overrides=args.overrides)
+    if args.processes is not None and args.processes < 1:
+        raise ConfigError(f"--processes must be at least 1, got {args.processes}")
+    report = run_demo(args.out, args.minutes, args.data, overrides=args.overrides,
+                      processes=args.processes)
     print(markdown(report))
-    print(f"trained {report['steps']} steps; written:")
+    print(f"trained {report['steps']} steps in {report['processes']} process(es); written:")
     for path in report["files"]:
         print(f"  {path}")
     return 0

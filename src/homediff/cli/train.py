@@ -18,6 +18,9 @@ def register(commands) -> None:
                        help="continue from a checkpoint folder, or the run's latest")
     train.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    train.add_argument("--minutes", type=float,
+                       help="train a one-stage config for this long: its length is re-fitted to the "
+                            "budget as the step time is measured")
     train.set_defaults(run=run)
 
 
@@ -28,7 +31,8 @@ def run(args) -> int:
     config = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / args.config.stem
     result = train(config, out, resume=args.resume, max_steps=args.max_steps,
-                   checkpoint_every=args.checkpoint_every)
+                   checkpoint_every=args.checkpoint_every,
+                   time_budget=args.minutes * 60 if args.minutes is not None else None)
     if result is not None:
         print(f"pipeline folder: {result}")
     return 0
