@@ -5,7 +5,7 @@
    warm-up and a first length, which the trainer re-fits to the budget as it measures its speed.
    On a CPU it trains in two data-parallel processes of one thread each where the machine has two
    cores or more (torchrun over gloo, each process with the recipe's batch): on 2 cores they train
-   1.5x the images per second of one process with two threads, whose small matrix products
+   1.2-1.5x the images per second of one process with two threads, whose small matrix products
    scale poorly over threads (benchmarks/RESULTS.md);
 3. writes into the output folder: ``model/`` (the pipeline), ``samples.png`` (prompts seen in
    training and held-out combinations), ``camera.png`` (zoom and shifts on one prompt and seed),
