@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from homediff.checkpoint import list_checkpoints
 from homediff.config import TrainConfig, load_config, to_toml
-from homediff.errors import HomediffError
+from homediff.errors import ConfigError, HomediffError
 from homediff.evaluate import EvalSettings, evaluate_fidelity, read_split
 from homediff.pipeline import HomeDiffPipeline
 from homediff.train import Trainer
@@ -154,6 +154,8 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | P
     from homediff.data.emoji import build_emoji_dataset
 
     out, data = Path(out), Path(data)
+    if processes is not None and processes < 1:
+        raise ConfigError(f"--processes must be at least 1, got {processes}")
     if not (data / "train").is_dir():
         logger.warning("building the emoji set in %s", data)
         build_emoji_dataset(data, size=64)

@@ -24,11 +24,8 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from homediff.demo import run_demo
-    from homediff.errors import ConfigError
     from homediff.evaluate import markdown
 
-    if args.processes is not None and args.processes < 1:
-        raise ConfigError(f"--processes must be at least 1, got {args.processes}")
     report = run_demo(args.out, args.minutes, args.data, overrides=args.overrides,
                       processes=args.processes)
     print(markdown(report))
