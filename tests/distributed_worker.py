@@ -13,7 +13,8 @@ from homediff.train import Trainer  # noqa: E402
 
 out, data, text = map(Path, sys.argv[1:4])
 config = tiny_config(data, text, stages=[{"resolution": 8, "batch_size": 2, "steps": 4}],
-                     train={"checkpoint_every": 2, "keep_checkpoints": 0, "sample_prompts": []})
+                     train={"checkpoint_every": 2, "keep_checkpoints": 0, "sample_prompts": []},
+                     optimizer={"name": sys.argv[4]})
 keys: list[str] = []
 trainer = Trainer(config, out / "run")
 trainer.run(callback=lambda progress, batch: keys.extend(batch["key"]))

@@ -54,6 +54,11 @@ def test_training_objective_values_are_checked_on_load(tmp_path, line, message):
         load_config(write(tmp_path, MINIMAL + f"[train]\n{line}\n"))
 
 
+def test_unknown_optimizer_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="optimizer.name must be 'adamw' or 'muon', got 'sgd'"):
+        load_config(write(tmp_path, MINIMAL + '[optimizer]\nname = "sgd"\n'))
+
+
 def test_stage_must_have_a_length(tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[0\] must set exactly one of steps or epochs"):
         load_config(write(tmp_path, MINIMAL.replace("steps = 10", "")))

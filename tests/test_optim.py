@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from homediff.models import XUT, XUTConfig
-from homediff.optim import EMA, fan_in, lr_multiplier, parameter_groups, set_lr
+from homediff.optim import (EMA, MuonAdamW, fan_in, lr_multiplier, mark_muon_groups, orthogonalize,
+                            parameter_groups, set_lr)
 
 
 def small():
@@ -67,3 +68,55 @@ def test_ema_follows_then_smooths():
     restored = EMA(torch.nn.Linear(2, 2))
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 101 and math.isclose(restored.decay, 0.9)
+
+
+def test_muon_takes_the_hidden_matrices_and_keeps_each_groups_lr_and_decay():
+    model = small()
+    groups = mark_muon_groups(model, parameter_groups(model, weight_decay=0.02))
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    for name in ("backbone.enc_blocks.0.0.attn.qkv.weight", "ctx_proj.weight", "time_emb.proj.0.weight"):
+        assert group_of[id(named[name])]["muon"], name
+    for name in ("in_patch.proj.weight", "out_patch.proj.weight", "addon_info_embs_proj.0.weight",
+                 "ctx_proj.bias", "backbone.enc_blocks.0.0.attn.rope.freqs"):
+        assert not group_of[id(named[name])]["muon"], name
+    qkv = group_of[id(named["backbone.enc_blocks.0.0.attn.qkv.weight"])]
+    assert qkv["lr_scale"] == 1 / 64 and qkv["weight_decay"] == 0.02
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_orthogonalize_pushes_singular_values_towards_one():
+    torch.manual_seed(0)
+    spread = torch.diag(torch.logspace(-1, 1, 32))  # singular values over two decades
+    for matrix in (torch.randn(96, 32) @ spread, spread @ torch.randn(32, 96)):
+        ortho = orthogonalize(matrix)
+        values = torch.linalg.svdvals(ortho)
+        assert ortho.shape == matrix.shape
+        assert 0.65 < values.min() and values.max() < 1.25, values  # from a spread of 100x
+
+
+def _train(parameters, optimizer, steps=5):
+    torch.manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        x = torch.randn(16, parameters[0].shape[1])
+        (x @ parameters[0].T).sin().pow(2).sum().backward()
+        optimizer.step()
+
+
+def test_muon_adamw_equals_torch_adamw_on_plain_groups():
+    ours, theirs = (torch.nn.Parameter(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)))
+                    for _ in range(2))
+    _train([ours], MuonAdamW([{"params": [ours], "lr": 0.01, "weight_decay": 0.1}]))
+    _train([theirs], torch.optim.AdamW([theirs], lr=0.01, weight_decay=0.1, betas=(0.9, 0.98)))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_muon_groups_step_as_torch_muon_with_adamw_matched_rms():
+    start = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    _train([ours], MuonAdamW([{"params": [ours], "lr": 0.02, "weight_decay": 0.1, "muon": True}]))
+    _train([theirs], torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
+    moved = (theirs - start).abs().mean()
+    assert moved > 0.01
+    assert (ours - theirs).abs().mean() < 0.05 * moved  # torch orthogonalises in bfloat16, we in float32

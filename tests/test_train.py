@@ -54,10 +54,11 @@ def test_golden_loss_curve(assets, tmp_path):
     assert curve == pytest.approx(expected, rel=1e-4)
 
 
-def test_stop_and_resume_equals_the_uninterrupted_run(assets, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_stop_and_resume_equals_the_uninterrupted_run(assets, tmp_path, optimizer):
     stages = [{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 6, "tread_rate": 0.5},
               {"resolution": 16, "batch_size": 2, "lr": 0.2, "steps": 5, "tread_rate": 0.25}]
-    config = tiny_config(*assets, stages=stages)
+    config = tiny_config(*assets, stages=stages, optimizer={"name": optimizer})
     whole = Trainer(config, tmp_path / "whole")
     whole.run()
 

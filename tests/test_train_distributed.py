@@ -3,17 +3,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from train_helpers import square_folder, text_encoder_folder
 
 from homediff.checkpoint import list_checkpoints
 
 
-def test_two_processes_share_the_data_and_keep_identical_weights(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon splits its matrices between ranks
+def test_two_processes_share_the_data_and_keep_identical_weights(tmp_path, optimizer):
     data = square_folder(tmp_path / "squares")
     text = text_encoder_folder(tmp_path / "text")
     worker = Path(__file__).parent / "distributed_worker.py"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29531", str(worker), str(tmp_path), str(data), str(text)],
+                             "--master_port", "29531", str(worker), str(tmp_path), str(data), str(text), optimizer],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -54,6 +54,7 @@ class DatasetSection:
 
 @dataclass
 class OptimizerSection:
+    name: str = "adamw"  # "muon": Muon for the hidden matrices, AdamW for the rest (optim.MuonAdamW)
     lr_rule: str = "fan_in"  # "fan_in": lr / fan-in per tensor (HDM's muP, base_dim 1); "plain"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
@@ -131,6 +132,8 @@ class TrainConfig:
                 raise ConfigError(f"stages[{i}] must set exactly one of steps or epochs")
             if stage.resolution < 1 or stage.batch_size < 1 or stage.grad_accum < 1:
                 raise ConfigError(f"stages[{i}]: resolution, batch_size and grad_accum must be positive")
+        if self.optimizer.name not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer.name must be 'adamw' or 'muon', got {self.optimizer.name!r}")
         if self.optimizer.lr_rule not in ("fan_in", "plain"):
             raise ConfigError(f"optimizer.lr_rule must be 'fan_in' or 'plain', got {self.optimizer.lr_rule!r}")
         if self.train.time_std < 0:

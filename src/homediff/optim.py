@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -36,6 +37,111 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr_rule: str = "fan_
                                                    "weight_decay": decay, "lr": 0.0})
         group["params"].append(p)
     return list(groups.values())
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A weight matrix between two hidden layers: Muon's domain.
+
+    Not the patch embedding or the output head (the network's ends), not a vector, and not a
+    one-column embedding of a scalar input.
+    """
+    return p.dim() == 2 and min(p.shape) > 1 and not name.startswith(("in_patch.", "out_patch."))
+
+
+def mark_muon_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """Split each AdamW group of :func:`parameter_groups` into its hidden matrices (``muon``) and
+    the rest, keeping the group's LR multiplier and decay."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    split = []
+    for group in groups:
+        for muon in (True, False):
+            params = [p for p in group["params"] if is_hidden_matrix(names[id(p)], p) == muon]
+            if params:
+                split.append({**group, "params": params, "muon": muon})
+    return split
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration: ``matrix`` with its singular values pushed towards 1
+    (to about 0.7-1.2; Jordan et al. 2024), in float32."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix.float()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / (x.norm() + eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (momentum, then orthogonalised updates) for groups marked ``muon``; AdamW for the rest.
+
+    Muon's step is scaled by 0.2·sqrt(max(rows, cols)) so its RMS matches AdamW's (Liu et al.
+    2025, "Muon is scalable"): both kinds of group take the same learning rates and weight decay.
+    Under torch.distributed each process orthogonalises its share of the matrices (balanced by
+    cost) and one all-reduce hands every process all of them.
+    """
+
+    def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.98),
+                 eps: float = 1e-8, momentum: float = 0.95):
+        super().__init__(groups, dict(lr=0.0, weight_decay=0.0, betas=betas, eps=eps,
+                                      momentum=momentum, muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        matrices = [(p, g) for g in self.param_groups if g["muon"] for p in g["params"]
+                    if p.grad is not None]
+        directions = dict(zip(map(id, (p for p, _ in matrices)), self._orthogonal_momenta(matrices)))
+        for group in self.param_groups:
+            lr, decay = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                p.mul_(1 - lr * decay)
+                if group["muon"]:
+                    p.add_(directions[id(p)], alpha=-lr * 0.2 * max(p.shape) ** 0.5)
+                else:
+                    p.add_(self._adamw_update(p, group), alpha=-lr)
+
+    def _orthogonal_momenta(self, matrices: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+        """Update each matrix's momentum, then orthogonalise its Nesterov direction."""
+        sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+        load = [0] * world
+        directions = []
+        for p, group in matrices:
+            state = self.state[p]
+            if not state:
+                state["momentum"] = torch.zeros_like(p)
+            state["momentum"].lerp_(p.grad, 1 - group["momentum"])
+            owner = load.index(min(load))
+            load[owner] += min(p.shape) ** 2 * max(p.shape)  # Newton-Schulz cost
+            if owner == rank:
+                nesterov = p.grad.lerp(state["momentum"], group["momentum"])
+                directions.append(orthogonalize(nesterov).to(p.dtype))
+            else:
+                directions.append(torch.zeros_like(p))
+        if sharded and directions:
+            flat = torch.cat([d.flatten() for d in directions])
+            dist.all_reduce(flat)
+            directions = [d.view_as(p) for d, (p, _) in zip(flat.split([p.numel() for p, _ in matrices]),
+                                                               matrices)]
+        return directions
+
+    def _adamw_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        state = self.state[p]
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        mean = state["exp_avg"] / (1 - beta1 ** state["step"])
+        scale = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+        return mean / scale
 
 
 def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -40,7 +40,7 @@ from homediff.errors import ConfigError, HomediffError
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import train_step_flops
 from homediff.monitor import Monitor
-from homediff.optim import EMA, lr_multiplier, parameter_groups, set_lr
+from homediff.optim import EMA, MuonAdamW, lr_multiplier, mark_muon_groups, parameter_groups, set_lr
 from homediff.text import TextEncoder
 from homediff.training_data import BatchStream
 
@@ -161,7 +161,11 @@ class Trainer:
         decay = stage.weight_decay if stage.weight_decay >= 0 else opt.weight_decay
         groups = parameter_groups(self.unwrapped, decay, opt.lr_rule, opt.decay_norms_and_biases)
         betas = tuple(stage.betas or opt.betas)
-        return self.accelerator.prepare_optimizer(torch.optim.AdamW(groups, betas=betas, eps=opt.eps))
+        if opt.name == "muon":
+            optimizer = MuonAdamW(mark_muon_groups(self.unwrapped, groups), betas=betas, eps=opt.eps)
+        else:
+            optimizer = torch.optim.AdamW(groups, betas=betas, eps=opt.eps)
+        return self.accelerator.prepare_optimizer(optimizer)
 
     @staticmethod
     def stage_length(stage: StageConfig, batches_per_epoch: int) -> int:
