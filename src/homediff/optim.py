@@ -94,17 +94,16 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         matrices = [(p, g) for g in self.param_groups if g["muon"] for p in g["params"]
                     if p.grad is not None]
-        directions = dict(zip(map(id, (p for p, _ in matrices)), self._orthogonal_momenta(matrices)))
+        for (p, group), direction in zip(matrices, self._orthogonal_momenta(matrices)):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(direction, alpha=-group["lr"] * 0.2 * max(p.shape) ** 0.5)
         for group in self.param_groups:
-            lr, decay = group["lr"], group["weight_decay"]
+            if group["muon"]:
+                continue
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.mul_(1 - lr * decay)
-                if group["muon"]:
-                    p.add_(directions[id(p)], alpha=-lr * 0.2 * max(p.shape) ** 0.5)
-                else:
-                    p.add_(self._adamw_update(p, group), alpha=-lr)
+                if p.grad is not None:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(self._adamw_update(p, group), alpha=-group["lr"])
 
     def _orthogonal_momenta(self, matrices: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
         """Update each matrix's momentum, then orthogonalise its Nesterov direction."""
