@@ -119,4 +119,4 @@ def test_muon_groups_step_as_torch_muon_with_adamw_matched_rms():
     _train([theirs], torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
     moved = (theirs - start).abs().mean()
     assert moved > 0.01
-    assert (ours - theirs).abs().mean() < 0.05 * moved  # torch orthogonalises in bfloat16, we in float32
+    assert (ours - theirs).abs().mean() < 1e-3 * moved
