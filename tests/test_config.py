@@ -54,9 +54,12 @@ def test_training_objective_values_are_checked_on_load(tmp_path, line, message):
         load_config(write(tmp_path, MINIMAL + f"[train]\n{line}\n"))
 
 
-def test_unknown_optimizer_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="optimizer.name must be 'adamw' or 'muon', got 'sgd'"):
-        load_config(write(tmp_path, MINIMAL + '[optimizer]\nname = "sgd"\n'))
+@pytest.mark.parametrize("line, message", [
+    ('name = "sgd"', "optimizer.name must be 'adamw' or 'muon', got 'sgd'"),
+    ('muon_dtype = "float16"', "optimizer.muon_dtype must be 'bfloat16' or 'float32', got 'float16'")])
+def test_unknown_optimizer_settings_are_named(tmp_path, line, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, MINIMAL + f"[optimizer]\n{line}\n"))
 
 
 def test_stage_must_have_a_length(tmp_path):

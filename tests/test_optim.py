@@ -85,13 +85,14 @@ def test_muon_takes_the_hidden_matrices_and_keeps_each_groups_lr_and_decay():
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 
-def test_orthogonalize_pushes_singular_values_towards_one():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_orthogonalize_pushes_singular_values_towards_one(dtype):
     torch.manual_seed(0)
     spread = torch.diag(torch.logspace(-1, 1, 32))  # singular values over two decades
     for matrix in (torch.randn(96, 32) @ spread, spread @ torch.randn(32, 96)):
-        ortho = orthogonalize(matrix)
+        ortho = orthogonalize(matrix, dtype=dtype)
         values = torch.linalg.svdvals(ortho)
-        assert ortho.shape == matrix.shape
+        assert ortho.shape == matrix.shape and ortho.dtype == matrix.dtype
         assert 0.65 < values.min() and values.max() < 1.25, values  # from a spread of 100x
 
 

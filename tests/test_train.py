@@ -54,12 +54,16 @@ def test_golden_loss_curve(assets, tmp_path):
     assert curve == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", [{"name": "adamw"}, {"name": "muon"},
+                                       {"name": "muon", "muon_dtype": "float32"}])
 def test_stop_and_resume_equals_the_uninterrupted_run(assets, tmp_path, optimizer):
     stages = [{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 6, "tread_rate": 0.5},
               {"resolution": 16, "batch_size": 2, "lr": 0.2, "steps": 5, "tread_rate": 0.25}]
-    config = tiny_config(*assets, stages=stages, optimizer={"name": optimizer})
+    config = tiny_config(*assets, stages=stages, optimizer=optimizer)
     whole = Trainer(config, tmp_path / "whole")
+    if optimizer["name"] == "muon":
+        built = whole._optimizer(config.stages[0]).optimizer
+        assert built.ns_dtype == getattr(torch, optimizer.get("muon_dtype", "bfloat16"))
     whole.run()
 
     first = Trainer(config, tmp_path / "split", max_steps=8)  # stops inside the second stage

@@ -55,6 +55,7 @@ class DatasetSection:
 @dataclass
 class OptimizerSection:
     name: str = "adamw"  # "muon": Muon for the hidden matrices, AdamW for the rest (optim.MuonAdamW)
+    muon_dtype: str = "bfloat16"  # Muon's Newton-Schulz precision: "float32" where bf16 matmuls are slow
     lr_rule: str = "fan_in"  # "fan_in": lr / fan-in per tensor (HDM's muP, base_dim 1); "plain"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
@@ -134,6 +135,9 @@ class TrainConfig:
                 raise ConfigError(f"stages[{i}]: resolution, batch_size and grad_accum must be positive")
         if self.optimizer.name not in ("adamw", "muon"):
             raise ConfigError(f"optimizer.name must be 'adamw' or 'muon', got {self.optimizer.name!r}")
+        if self.optimizer.muon_dtype not in ("bfloat16", "float32"):
+            raise ConfigError("optimizer.muon_dtype must be 'bfloat16' or 'float32', "
+                              f"got {self.optimizer.muon_dtype!r}")
         if self.optimizer.lr_rule not in ("fan_in", "plain"):
             raise ConfigError(f"optimizer.lr_rule must be 'fan_in' or 'plain', got {self.optimizer.lr_rule!r}")
         if self.train.time_std < 0:

@@ -61,12 +61,13 @@ def mark_muon_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
     return split
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Muon's quintic Newton-Schulz iteration: ``matrix`` with its singular values pushed towards 1
-    (to about 0.7-1.2; Jordan et al. 2024). It runs in bfloat16, as the reference implementation
-    and ``torch.optim.Muon`` do: 2.6x faster than float32 on a CPU with AMX, for the same result."""
+    (to about 0.7-1.2; Jordan et al. 2024). It runs in ``dtype``: bfloat16 by default, as the
+    reference implementation and ``torch.optim.Muon`` do (float32 for hardware without fast bf16)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = matrix.bfloat16()
+    x = matrix.to(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
@@ -83,13 +84,15 @@ class MuonAdamW(torch.optim.Optimizer):
     Muon's step is scaled by 0.2·sqrt(max(rows, cols)) so its RMS matches AdamW's (Liu et al.
     2025, "Muon is scalable"): both kinds of group take the same learning rates and weight decay.
     Under torch.distributed each process orthogonalises its share of the matrices (balanced by
-    cost) and one all-reduce hands every process all of them.
+    cost) and one all-reduce hands every process all of them. ``ns_dtype``: the precision of the
+    Newton-Schulz iteration (:func:`orthogonalize`).
     """
 
     def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.98),
-                 eps: float = 1e-8, momentum: float = 0.95):
+                 eps: float = 1e-8, momentum: float = 0.95, ns_dtype: torch.dtype = torch.bfloat16):
         super().__init__(groups, dict(lr=0.0, weight_decay=0.0, betas=betas, eps=eps,
                                       momentum=momentum, muon=False))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -121,7 +124,7 @@ class MuonAdamW(torch.optim.Optimizer):
             load[owner] += min(p.shape) ** 2 * max(p.shape)  # Newton-Schulz cost
             if owner == rank:
                 nesterov = p.grad.lerp(state["momentum"], group["momentum"])
-                directions.append(orthogonalize(nesterov))
+                directions.append(orthogonalize(nesterov, dtype=self.ns_dtype))
             else:
                 directions.append(torch.zeros_like(p))
         if sharded and directions:

@@ -162,7 +162,8 @@ class Trainer:
         groups = parameter_groups(self.unwrapped, decay, opt.lr_rule, opt.decay_norms_and_biases)
         betas = tuple(stage.betas or opt.betas)
         if opt.name == "muon":
-            optimizer = MuonAdamW(mark_muon_groups(self.unwrapped, groups), betas=betas, eps=opt.eps)
+            optimizer = MuonAdamW(mark_muon_groups(self.unwrapped, groups), betas=betas, eps=opt.eps,
+                                  ns_dtype=getattr(torch, opt.muon_dtype))
         else:
             optimizer = torch.optim.AdamW(groups, betas=betas, eps=opt.eps)
         return self.accelerator.prepare_optimizer(optimizer)

@@ -1,0 +1,82 @@
+"""Optimiser step time beside the model's forward and backward: AdamW against Muon (optim.MuonAdamW)
+with its Newton-Schulz iteration in bfloat16 and in float32.
+
+    python benchmarks/optimizer_step.py --config configs/tiny-emoji.toml --threads 1
+
+The model is the config's backbone at its first stage's resolution and batch, in one process (under
+DDP each process orthogonalises about half of the matrices). Variants are timed in interleaved
+rounds and the median is reported, so that load on a shared machine hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from homediff.config import load_config
+from homediff.models import XUT, XUTConfig
+from homediff.optim import MuonAdamW, mark_muon_groups, parameter_groups
+
+CONTEXT_DIM = 384  # MiniLM's width; the text encoder itself is not needed here
+
+
+def seconds(fn, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny-emoji.toml")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = load_config(args.config)
+    stage = config.stages[0]
+    model = XUT(XUTConfig.preset(config.model.preset, in_channels=3, ctx_dim=CONTEXT_DIM,
+                                 **config.model.overrides))
+    text_length = config.text_encoder.options.max_length
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(stage.batch_size, 3, stage.resolution, stage.resolution, generator=g)
+    t = torch.rand(stage.batch_size, generator=g)
+    ctx = torch.randn(stage.batch_size, text_length, CONTEXT_DIM, generator=g)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        (model(x, t, ctx, tread_rate=stage.tread_rate, generator=g) - x).pow(2).mean().backward()
+
+    forward_backward()
+    groups = parameter_groups(model, config.optimizer.weight_decay, config.optimizer.lr_rule)
+    optimizers = {
+        "AdamW (torch)": torch.optim.AdamW(groups),
+        "Muon, Newton-Schulz in bfloat16": MuonAdamW(mark_muon_groups(model, groups)),
+        "Muon, Newton-Schulz in float32": MuonAdamW(mark_muon_groups(model, groups), ns_dtype=torch.float32),
+    }
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0  # time the arithmetic, leave the weights as they are
+    times = {name: [] for name in ["forward + backward", *optimizers]}
+    for _ in range(args.rounds):
+        times["forward + backward"].append(seconds(forward_backward, args.repeats))
+        for name, optimizer in optimizers.items():
+            times[name].append(seconds(optimizer.step, args.repeats))
+    muon = sum(p.numel() for g in optimizers["Muon, Newton-Schulz in bfloat16"].param_groups
+               if g["muon"] for p in g["params"])
+    print(f"{args.config}: {sum(p.numel() for p in model.parameters()):,} parameters ({muon:,} on Muon), "
+          f"batch {stage.batch_size} at {stage.resolution} px, {args.threads} thread(s), "
+          f"median of {args.rounds} rounds")
+    print("| step | ms |\n|---|---:|")
+    for name, values in times.items():
+        print(f"| {name} | {1000 * statistics.median(values):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
