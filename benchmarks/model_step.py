@@ -4,6 +4,7 @@
     python benchmarks/model_step.py --hdm-config benchmarks/archs/bench-256.json --batch 8 \
         --size 32 --text-tokens 32 [--original DIR]
 
+--bf16 adds the same steps under bfloat16 autocast (on the CPU: torch.autocast("cpu")).
 --original DIR times the original HDM implementation too (DIR holds its ``xut`` package, e.g. the
 ``src`` folder of a checkout of the HDM repository; needs an --hdm-config). Variants are timed in
 interleaved rounds and the median is reported, so that load on a shared machine hits all alike.
@@ -35,7 +36,8 @@ def original_model(source: Path, arch: dict):
     return XUDiT(**arch)
 
 
-def make_step(model, original: bool, rate: float, train: bool, batch, size, text, ctx_dim, in_ch):
+def make_step(model, original: bool, rate: float, train: bool, bf16: bool, batch, size, text, ctx_dim,
+              in_ch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_ch, size, size, generator=g)
     t = torch.rand(batch, generator=g)
@@ -50,11 +52,12 @@ def make_step(model, original: bool, rate: float, train: bool, batch, size, text
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
 
     def step():
-        if not train:
-            with torch.no_grad():
-                model(x, t, ctx, **kwargs)
-            return
-        loss = (model(x, t, ctx, **kwargs) - target).square().mean()
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+            if not train:
+                with torch.no_grad():
+                    model(x, t, ctx, **kwargs)
+                return
+            loss = (model(x, t, ctx, **kwargs).float() - target).square().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--bf16", action="store_true", help="also time under bfloat16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -80,12 +84,15 @@ def main() -> None:
     arch = json.loads(args.hdm_config.read_text()) if args.hdm_config else None
     config = XUTConfig.from_hdm_config(arch) if arch else XUTConfig.preset(args.preset)
     impls = {"homediff": XUT(config)}
+    if args.bf16:
+        impls["homediff, bf16 autocast"] = impls["homediff"]
     if args.original:
         if arch is None:
             parser.error("--original needs --hdm-config")
         impls["original"] = original_model(args.original, arch)
     dims = (args.batch, args.size, args.text_tokens, config.ctx_dim, config.in_channels)
-    variants = {(name, mode, rate): make_step(model, name == "original", rate, mode == "train", *dims)
+    variants = {(name, mode, rate): make_step(model, name == "original", rate, mode == "train",
+                                              name.endswith("bf16 autocast"), *dims)
                 for name, model in impls.items() for mode in ("forward", "train")
                 for rate in (0.0, 0.5)}
     times = {key: [] for key in variants}
