@@ -4,7 +4,8 @@ with its Newton-Schulz iteration in bfloat16 and in float32.
     python benchmarks/optimizer_step.py --config configs/tiny-emoji.toml --threads 1
 
 The model is the config's backbone at its first stage's resolution and batch, in one process (under
-DDP each process orthogonalises about half of the matrices). Variants are timed in interleaved
+DDP each process orthogonalises about half of the matrices), fed random pixels and MiniLM-sized
+text states: it fits the pixel-space tiny recipes, not a recipe behind a VAE. Variants are timed in interleaved
 rounds and the median is reported, so that load on a shared machine hits all alike.
 """
 
