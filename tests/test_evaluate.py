@@ -7,7 +7,8 @@ import torch
 
 from homediff import evaluate
 from homediff.errors import HomediffError
-from homediff.evaluate import EvalSettings, caption_ranks, frechet_distance, topk_accuracy
+from homediff.evaluate import (EvalSettings, caption_ranks, frechet_distance, topk_accuracy,
+                               topk_standard_error)
 from homediff.shapes import build_shapes_dataset
 
 
@@ -25,6 +26,14 @@ def test_ranks_take_each_captions_best_image_and_ties_favour_the_prompt():
     assert caption_ranks(torch.ones(1, 2), ["a"], torch.ones(2, 2), ["b", "a"]).tolist() == [1]
     with pytest.raises(ValueError, match="no gallery image"):
         caption_ranks(queries[:1], ["z"], gallery, names)
+
+
+def test_standard_error_counts_each_caption_once():
+    ranks = torch.tensor([1, 3, 1, 1, 2, 2])
+    captions = ["a", "a", "b", "b", "c", "c"]
+    # per-caption top-1 accuracy 0.5, 1, 0: sample std 0.5 over sqrt(3) captions
+    assert topk_standard_error(ranks, captions, [1, 3]) == [pytest.approx(0.5 / 3 ** 0.5), 0.0]
+    assert topk_standard_error(ranks[:2], captions[:2], [1]) == [None]
 
 
 def test_retrieval_is_perfect_on_the_gallery_itself_and_chance_on_random_queries():
@@ -129,7 +138,7 @@ def test_fidelity_of_a_model_that_returns_the_references(shapes_data, tmp_path):
     assert names == ["eval-samples.png", "eval-topk.png", "eval.json", "eval.md"]
     assert json.loads((tmp_path / "eval.json").read_text())["seen"]["topk"][0] == 1.0
     table = (tmp_path / "eval.md").read_text()
-    assert "| top-1 retrieval | 100.0% | 100.0% | 100.0% | 100.0% |" in table
+    assert "| top-1 retrieval | 100.0% ± 0.0 | 100.0% | 100.0% ± 0.0 | 100.0% |" in table
     assert "FD-EffNetLite0" in table and "not FID" in table
 
 

@@ -14,7 +14,8 @@ distractors: for each held-out caption the ``distractors`` train captions sharin
 so a held-out prompt scores only if the whole combination is right. All images are embedded by
 ``homediff.effnet.features``. A query's score for a gallery caption is its highest cosine
 similarity to that caption's images; captions are ranked by score (ties favour the query's own) and
-top-k accuracy is the share of queries whose own caption ranks within the first k.
+top-k accuracy is the share of queries whose own caption ranks within the first k; its standard
+error counts each caption once (``topk_standard_error``).
 Queries: generated images give the accuracy; the evaluation captions' references after a round trip
 through the model's resolution (centre square resized with Pillow's antialiased bicubic as training
 data is; the feature network scales it up like a generated image) give the ceiling; chance is
@@ -231,6 +232,23 @@ def topk_accuracy(ranks: torch.Tensor, ks=range(1, TOPK + 1)) -> list[float | No
     return [float((ranks <= k).double().mean()) if len(ranks) else None for k in ks]
 
 
+def topk_standard_error(ranks: torch.Tensor, captions: list[str],
+                        ks=range(1, TOPK + 1)) -> list[float | None]:
+    """Standard error of each top-k accuracy when the captions are a random draw: the spread of the
+    per-caption accuracies over the square root of their number (a caption's images are not
+    independent draws, so they count once). None with fewer than 2 captions."""
+    index = {c: i for i, c in enumerate(sorted(set(captions)))}
+    if len(index) < 2:
+        return [None for _ in ks]
+    owner = torch.tensor([index[c] for c in captions])
+
+    def per_caption(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(index), dtype=torch.float64).index_add_(0, owner, values.double())
+
+    images = per_caption(torch.ones(len(owner)))
+    return [float((per_caption(ranks <= k) / images).std() / len(index) ** 0.5) for k in ks]
+
+
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖μa − μb‖² + tr(Σa + Σb − 2(Σa^½ Σb Σa^½)^½) of Gaussians fitted to (N, D) sets."""
     if len(a) < 2 or len(b) < 2:
@@ -288,6 +306,7 @@ def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = No
         ref_pick = [i for i, (c, _) in enumerate(evaluated) if c in split]
         report[name] = {"captions": len(split), "images": len(pick),
                         "topk": topk_accuracy(ranks[pick]),
+                        "topk_se": topk_standard_error(ranks[pick], [prompts[i] for i in pick]),
                         "ceiling": topk_accuracy(ceiling[ref_pick])}
     enough = min(len(generated), len(references)) >= 2
     report["fd"] = {"name": FD_NAME,
@@ -366,8 +385,11 @@ def evaluate_shapes(pipe, data: str | Path, settings: EvalSettings | None = None
 
 # --- reports ------------------------------------------------------------------------------------
 
-def _pct(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+def _pct(value, error=None) -> str:
+    """A percentage, with ``± error`` (one standard error, in points) when given."""
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" + ("" if error is None else f" ± {100 * error:.1f}")
 
 
 def _num(value) -> str:
@@ -389,8 +411,9 @@ def markdown(report: dict) -> str:
         return (f"Composition read back by the shapes checker at {report['resolution']} px\n\n"
                 + head + "\n".join(rows) + "\n\n| caption kind: all properties right | seen | "
                 "held-out |\n|---|---:|---:|\n" + "\n".join(kinds) + "\n")
-    rows = [f"| top-{k} retrieval | {_pct(s['topk'][k - 1])} | {_pct(s['ceiling'][k - 1])} | "
-            f"{_pct(h['topk'][k - 1])} | {_pct(h['ceiling'][k - 1])} | "
+    rows = [f"| top-{k} retrieval | {_pct(s['topk'][k - 1], s['topk_se'][k - 1])} | "
+            f"{_pct(s['ceiling'][k - 1])} | {_pct(h['topk'][k - 1], h['topk_se'][k - 1])} | "
+            f"{_pct(h['ceiling'][k - 1])} | "
             f"{_pct(report['chance'][k - 1])} |" for k in (1, 5)]
     fd = report["fd"]
     return (f"Prompt fidelity at {report['resolution']} px: caption retrieval among "
