@@ -19,7 +19,7 @@ import torch
 
 from homediff.config import load_config
 from homediff.models import XUT, XUTConfig
-from homediff.optim import MuonAdamW, mark_muon_groups, parameter_groups
+from homediff.optim import MuonAdamW, mark_muon_groups, parameter_groups, set_lr
 
 CONTEXT_DIM = 384  # MiniLM's width; the text encoder itself is not needed here
 
@@ -62,8 +62,7 @@ def main() -> None:
         "Muon, Newton-Schulz in float32": MuonAdamW(mark_muon_groups(model, groups), ns_dtype=torch.float32),
     }
     for optimizer in optimizers.values():
-        for group in optimizer.param_groups:
-            group["lr"] = 0.0  # time the arithmetic, leave the weights as they are
+        set_lr(optimizer, 0.0, 1.0)  # time the arithmetic, leave the weights as they are
     times = {name: [] for name in ["forward + backward", *optimizers]}
     for _ in range(args.rounds):
         times["forward + backward"].append(seconds(forward_backward, args.repeats))
