@@ -55,7 +55,7 @@ class DatasetSection:
 @dataclass
 class OptimizerSection:
     name: str = "adamw"  # "muon": Muon for the hidden matrices, AdamW for the rest (optim.MuonAdamW)
-    muon_dtype: str = "bfloat16"  # Muon's Newton-Schulz precision: "float32" where bf16 matmuls are slow
+    muon_dtype: str = "auto"  # Muon's Newton-Schulz precision: "auto" (measured), "bfloat16", "float32"
     lr_rule: str = "fan_in"  # "fan_in": lr / fan-in per tensor (HDM's muP, base_dim 1); "plain"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
@@ -93,7 +93,8 @@ class StageConfig:
 @dataclass
 class TrainSection:
     seed: int = 0
-    mixed_precision: str = "auto"  # "auto" (bf16 on GPUs that have it, else no), "no", "bf16", "fp16"
+    mixed_precision: str = "auto"  # "auto": GPUs bf16 (else fp16), CPUs bf16 where measured faster
+    compile: bool = False  # wrap the model in torch.compile
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -135,8 +136,8 @@ class TrainConfig:
                 raise ConfigError(f"stages[{i}]: resolution, batch_size and grad_accum must be positive")
         if self.optimizer.name not in ("adamw", "muon"):
             raise ConfigError(f"optimizer.name must be 'adamw' or 'muon', got {self.optimizer.name!r}")
-        if self.optimizer.muon_dtype not in ("bfloat16", "float32"):
-            raise ConfigError("optimizer.muon_dtype must be 'bfloat16' or 'float32', "
+        if self.optimizer.muon_dtype not in ("auto", "bfloat16", "float32"):
+            raise ConfigError("optimizer.muon_dtype must be 'auto', 'bfloat16' or 'float32', "
                               f"got {self.optimizer.muon_dtype!r}")
         if self.optimizer.lr_rule not in ("fan_in", "plain"):
             raise ConfigError(f"optimizer.lr_rule must be 'fan_in' or 'plain', got {self.optimizer.lr_rule!r}")

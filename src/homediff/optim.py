@@ -65,7 +65,8 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Muon's quintic Newton-Schulz iteration: ``matrix`` with its singular values pushed towards 1
     (to about 0.7-1.2; Jordan et al. 2024). It runs in ``dtype``: bfloat16 by default, as the
-    reference implementation and ``torch.optim.Muon`` do (float32 for hardware without fast bf16)."""
+    reference implementation and ``torch.optim.Muon`` do; the trainer picks float32 where bfloat16
+    matrix products are measured slower (``homediff.precision``)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = matrix.to(dtype)
     tall = x.shape[0] > x.shape[1]
@@ -161,7 +162,8 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, multiplier: float) 
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers are copied).
+    """Exponential moving average of a model's parameters (buffers are copied), kept in float32 on
+    the model's device: build it after the model has moved there.
 
     decay at update t = min(decay, (1 + t) / (10 + t)), so early averages follow the weights.
     """
@@ -170,16 +172,16 @@ class EMA:
         self.decay = decay
         self.updates = 0
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-        self.parameter_names = {name for name, _ in model.named_parameters()}
+        self.parameter_names = [name for name, _ in model.named_parameters()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, value in model.state_dict().items():
-            if name in self.parameter_names:
-                self.shadow[name].lerp_(value.float(), 1 - decay)
-            else:
-                self.shadow[name].copy_(value)
+        state = model.state_dict()
+        torch._foreach_lerp_([self.shadow[name] for name in self.parameter_names],
+                             [state[name].float() for name in self.parameter_names], 1 - decay)
+        for name in self.shadow.keys() - set(self.parameter_names):
+            self.shadow[name].copy_(state[name])
         self.updates += 1
 
     def copy_to(self, model: nn.Module) -> None:

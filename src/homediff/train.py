@@ -17,6 +17,7 @@ the cosine learning-rate schedule follows the new length.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from homediff import flow
+from homediff import flow, precision
 from homediff.autoencoders import load_autoencoder
 from homediff.cache import DiskCache, cache_key, cached_rows
 from homediff.checkpoint import (latest_checkpoint, load_tensors, rng_state, save_tensors,
@@ -40,7 +41,8 @@ from homediff.errors import ConfigError, HomediffError
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import train_step_flops
 from homediff.monitor import Monitor
-from homediff.optim import EMA, MuonAdamW, lr_multiplier, mark_muon_groups, parameter_groups, set_lr
+from homediff.optim import (EMA, MuonAdamW, is_hidden_matrix, lr_multiplier, mark_muon_groups,
+                            orthogonalize, parameter_groups, set_lr)
 from homediff.text import TextEncoder
 from homediff.training_data import BatchStream
 
@@ -85,14 +87,16 @@ class Trainer:
             handlers.append(DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.FP16))
         # several processes without GPUs (torchrun on CPUs) train over gloo
         multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = Accelerator(mixed_precision=self._precision(), kwargs_handlers=handlers,
-                                       cpu=multi_cpu)
+        self.accelerator = Accelerator(mixed_precision=self._accelerator_precision(),
+                                       kwargs_handlers=handlers, cpu=multi_cpu)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         torch.manual_seed(config.train.seed)
         self.generator = torch.Generator(self.device).manual_seed(config.train.seed * 1009 + self.rank)
+        resume_path = self._checkpoint_path(resume) if resume else None
+        saved = torch.load(resume_path / "state.pt", weights_only=False) if resume_path else {}
 
         self.text_encoder = TextEncoder.from_pretrained(
             config.text_encoder.name, **dataclasses.asdict(config.text_encoder.options)).to(self.device)
@@ -101,9 +105,11 @@ class Trainer:
             "in_channels": self.autoencoder.channels, "ctx_dim": self.text_encoder.dim,
             "gradient_checkpointing": config.train.gradient_checkpointing,
             **config.model.overrides})
-        model = XUT(model_config)
-        self.ema = EMA(model, config.ema.decay) if config.ema.enabled else None
+        model, self.ema = self._build_model(model_config)
+        self.precision = self._choose_precisions(model, saved.get("precision"))
         self.model = self.accelerator.prepare_model(model)
+        if config.train.compile:
+            self.model = torch.compile(self.model)
         self.caches = self._caches()
         cores = len(os.sched_getaffinity(0))
         if self.device.type == "cpu" and config.dataset.workers >= cores:
@@ -113,16 +119,102 @@ class Trainer:
         self.progress = Progress()
         self.monitor = Monitor(self.run_dir, enabled=self.accelerator.is_main_process,
                                wandb=config.train.wandb, config=config)
-        self._resume_state = self._load(resume) if resume else None
+        self.monitor.say("precision: autocast {autocast}, Muon {muon}, text encoder {text}".format(
+            **{**self.precision, "autocast": self.precision["autocast"] or "off",
+               "muon": self.precision["muon"] or "-"}))
+        self._resume_state = self._load(resume_path, saved) if resume_path else None
         self._stop_signal: int | None = None
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _precision(self) -> str:
+    def _build_model(self, model_config: XUTConfig) -> tuple[XUT, EMA | None]:
+        """The backbone on the training device, then its EMA beside it (an EMA built before the
+        move would stay on the CPU while the model trains on a GPU)."""
+        model = XUT(model_config).to(self.device)
+        ema = EMA(model, self.config.ema.decay) if self.config.ema.enabled else None
+        return model, ema
+
+    def _accelerator_precision(self) -> str:
+        """accelerate's mixed precision: as configured; ``"auto"`` is bf16 (else fp16 with loss
+        scaling) on GPUs and is decided by measurement on a CPU (see ``_choose_precisions``)."""
         wanted = self.config.train.mixed_precision
         if wanted != "auto":
             return wanted
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+
+    def _choose_precisions(self, model: XUT, saved: dict | None) -> dict[str, str | None]:
+        """The dtypes of CPU autocast (None: off), Muon's Newton-Schulz iteration and the text
+        encoder. ``"auto"`` settings are measured once per run: a resumed run on the same machine
+        reuses its checkpoint's choices, so that it continues with the same numerics."""
+        machine = precision.machine_key(self.device)
+        reuse = saved if saved and saved.get("machine") == machine else {}
+        agree = lambda value: self.accelerator.reduce(  # noqa: E731  every process chooses alike
+            torch.tensor(value, device=self.device), "mean").item()
+        mixed = self.config.train.mixed_precision
+        autocast = {"no": None, "bf16": "bfloat16", "fp16": "float16"}.get(
+            self._accelerator_precision())
+        if mixed == "auto" and self.device.type == "cpu":
+            if "autocast" in reuse:  # None (float32) is a choice too
+                autocast = reuse["autocast"]
+            else:
+                probe = self._probe_model(model)
+                check = precision.check_autocast(probe, self._probe_loss(probe), self.device)
+                faster = agree(check.speedup) >= precision.MIN_SPEEDUP
+                close = agree(float(check.close)) == 1.0
+                autocast = "bfloat16" if faster and close else None
+                logger.info("CPU mixed precision: %s (bf16 autocast measured %.2f× float32's step "
+                            "speed; loss differs by %.2g, gradient cosine %.4f)",
+                            autocast or "float32", check.speedup, check.loss_error, check.grad_cosine)
+        muon = None
+        if self.config.optimizer.name == "muon":
+            setting = self.config.optimizer.muon_dtype
+            muon = reuse.get("muon") if setting == "auto" else None
+            muon = muon or precision.choose_dtype(setting, self.device, self._newton_schulz_probe(model),
+                                                  "Muon's Newton-Schulz iteration", agree=agree).name
+        text = str(self.text_encoder.model.dtype).removeprefix("torch.")
+        if self.config.text_encoder.options.dtype == "auto" and "text" in reuse:
+            text = reuse["text"]
+            self.text_encoder.to(dtype=precision.DTYPES[text])
+        return {"machine": machine, "autocast": autocast, "muon": muon, "text": text}
+
+    def _probe_model(self, model: XUT) -> XUT:
+        """A copy of ``model`` whose zero-initialised layers are made random: a fresh model's
+        zero output layer would hide every difference between two precisions."""
+        probe = copy.deepcopy(model)
+        draw = torch.Generator(self.device).manual_seed(0)
+        with torch.no_grad():
+            for p in probe.parameters():
+                if not p.any():
+                    p.normal_(std=0.02, generator=draw)
+        return probe
+
+    def _probe_loss(self, model: XUT):
+        """A training loss of ``model`` on random inputs of the first stage's shapes, the same at
+        every call (for timing and comparing precisions)."""
+        stage = self.config.stages[0]
+        side = stage.resolution // self.autoencoder.factor
+        batch = stage.batch_size
+        length = stage.text_length or self.text_encoder.config.max_length
+        draw = torch.Generator(self.device).manual_seed(0)
+        x = torch.randn(batch, self.autoencoder.channels, side, side, generator=draw, device=self.device)
+        ctx = torch.randn(batch, length, self.text_encoder.dim, generator=draw, device=self.device)
+        t = torch.rand(batch, generator=draw, device=self.device)
+        target = torch.randn(x.shape, generator=draw, device=self.device)
+
+        def loss() -> torch.Tensor:
+            routing = torch.Generator(self.device).manual_seed(1)
+            out = model(x, t, ctx, tread_rate=stage.tread_rate, generator=routing)
+            return F.mse_loss(out.float(), target)
+        return loss
+
+    def _newton_schulz_probe(self, model: XUT):
+        """``run(dtype)``: Muon's orthogonalisation of the model's largest hidden matrix."""
+        shape = max((p.shape for n, p in model.named_parameters() if is_hidden_matrix(n, p)),
+                    key=lambda s: s.numel(), default=(64, 64))
+        matrix = torch.randn(shape, device=self.device)
+        return lambda dtype: orthogonalize(matrix, dtype=dtype)
 
     def _ae_options(self) -> dict:
         return {"factor": self.config.autoencoder.factor} if self.config.autoencoder.name == "pixel" else {}
@@ -163,9 +255,10 @@ class Trainer:
         betas = tuple(stage.betas or opt.betas)
         if opt.name == "muon":
             optimizer = MuonAdamW(mark_muon_groups(self.unwrapped, groups), betas=betas, eps=opt.eps,
-                                  ns_dtype=getattr(torch, opt.muon_dtype))
-        else:
-            optimizer = torch.optim.AdamW(groups, betas=betas, eps=opt.eps)
+                                  ns_dtype=precision.DTYPES[self.precision["muon"]])
+        else:  # one fused kernel for all tensors on a GPU
+            optimizer = torch.optim.AdamW(groups, betas=betas, eps=opt.eps,
+                                          fused=self.device.type == "cuda")
         return self.accelerator.prepare_optimizer(optimizer)
 
     @staticmethod
@@ -187,7 +280,8 @@ class Trainer:
         scaler = self.accelerator.scaler
         state = {"progress": dataclasses.asdict(self.progress), "rng": rng_state(),
                  "generator": self.generator.get_state(),
-                 "ema": {"decay": self.ema.decay, "updates": self.ema.updates} if self.ema else None}
+                 "ema": {"decay": self.ema.decay, "updates": self.ema.updates} if self.ema else None,
+                 "precision": self.precision}
         writers = {
             "model.safetensors": lambda p: save_tensors(p, self.unwrapped.state_dict()),
             "optimizer.pt": lambda p: torch.save({"optimizer": optimizer.state_dict(),
@@ -204,14 +298,16 @@ class Trainer:
         self.monitor.checkpoint_line(path, self.progress, stage)
         return path
 
-    def _load(self, resume: str) -> dict:
+    def _checkpoint_path(self, resume: str) -> Path:
         path = latest_checkpoint(self.run_dir / "checkpoints") if resume == "latest" else Path(resume)
         if path is None:
             raise HomediffError(f"--resume latest: no checkpoint in {self.run_dir / 'checkpoints'}")
         if not (path / "state.pt").is_file():
             raise HomediffError(f"{path}: not a checkpoint folder (no state.pt)")
+        return path
+
+    def _load(self, path: Path, state: dict) -> dict:
         self.unwrapped.load_state_dict(load_tensors(path / "model.safetensors"))
-        state = torch.load(path / "state.pt", weights_only=False)
         if self.ema and state["ema"]:
             self.ema.load_state_dict({**state["ema"], "shadow": load_tensors(path / "ema.safetensors")})
         self.progress = Progress(**state["progress"])
@@ -247,7 +343,8 @@ class Trainer:
         data = self.config.dataset
         text = self.config.text_encoder.options
         self.text_encoder.config = dataclasses.replace(text, max_length=stage.text_length or text.max_length)
-        self.stream = BatchStream(data, stage.resolution, stage.batch_size, self.config.train.seed + index)
+        self.stream = BatchStream(data, stage.resolution, stage.batch_size, self.config.train.seed + index,
+                                  pin_memory=self.device.type == "cuda")
         total = stage.steps or self.stage_length(stage, len(self.stream))
         self._announce_caches(stage)
         optimizer = self._optimizer(stage)
@@ -350,8 +447,8 @@ class Trainer:
         return side, side
 
     def _loss(self, batch: dict, stage: StageConfig) -> torch.Tensor:
-        images = batch["image"].to(self.device)
-        pos = batch["pos"].to(self.device)
+        images = batch["image"].to(self.device, non_blocking=True)
+        pos = batch["pos"].to(self.device, non_blocking=True)
         with torch.no_grad():
             x0 = self.autoencoder.latents_from(self._moments(images, pos, batch["key"]), self.generator)
             ctx = self._text_states(batch["caption"])
@@ -364,9 +461,11 @@ class Trainer:
                              std=self.config.train.time_std, generator=self.generator,
                              device=self.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
-        with self.accelerator.autocast():
-            prediction = self.model(flow.add_noise(x0, noise, t), t, ctx.to(self.device), pos_map=pos,
-                                    aspect=batch["aspect"].to(self.device),
+        dtype = self.precision["autocast"]
+        with torch.autocast(self.device.type, dtype=precision.DTYPES[dtype or "float32"],
+                            enabled=dtype is not None):
+            prediction = self.model(flow.add_noise(x0, noise, t), t, ctx.to(self.device, torch.float32),
+                                    pos_map=pos, aspect=batch["aspect"].to(self.device),
                                     tread_rate=stage.tread_rate, generator=self.generator)
         return flow.flow_loss(prediction, x0, noise, self.config.train.contrastive_weight)
 

@@ -31,7 +31,8 @@ def dataset_kind(section: DatasetSection) -> str:
 class BatchStream:
     """Batches of ``batch_size`` crops at ``resolution`` for one stage."""
 
-    def __init__(self, section: DatasetSection, resolution: int, batch_size: int, seed: int):
+    def __init__(self, section: DatasetSection, resolution: int, batch_size: int, seed: int,
+                 pin_memory: bool = False):
         if not section.path:
             raise ConfigError("dataset.path is empty: point it at an image folder or tar shards "
                               "(`homediff data emoji data/emoji` builds the built-in set)")
@@ -44,6 +45,7 @@ class BatchStream:
         else:
             self.dataset = ShardDataset(section.path, options, seed=seed)
         self.section, self.batch_size, self.seed = section, batch_size, seed
+        self.pin_memory = pin_memory  # page-locked batches copy to a GPU without blocking
         self.shard_progress = ShardProgress()
         self.loader = None
 
@@ -54,7 +56,8 @@ class BatchStream:
         return len(self.dataset) // self.batch_size // distributed_rank()[1]
 
     def _make_loader(self):
-        return make_loader(self.dataset, self.batch_size, workers=self.section.workers, seed=self.seed)
+        return make_loader(self.dataset, self.batch_size, workers=self.section.workers, seed=self.seed,
+                           pin_memory=self.pin_memory)
 
     def epoch(self, epoch: int, start_batch: int):
         """Batches of one epoch from ``start_batch`` on (shards: the stream from where it stood)."""
