@@ -4,7 +4,7 @@
 PYTHON := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,.venv/bin/python)
 INSTALLED := $(dir $(PYTHON)).homediff-installed
 
-.PHONY: demo test setup
+.PHONY: demo test test-avx2 setup
 setup: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
@@ -19,3 +19,10 @@ demo: setup
 
 test: setup
 	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest -q
+
+# The suite as an AVX2-only laptop would run it, in one thread: oneDNN and ATen are held to AVX2, so
+# bfloat16 matrix products are emulated (checked first: the run stops if they are not slow).
+AVX2 := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 OMP_NUM_THREADS=1
+test-avx2: setup
+	$(AVX2) $(PYTHON) benchmarks/emulation_check.py
+	$(AVX2) OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest -q

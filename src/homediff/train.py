@@ -246,7 +246,7 @@ class Trainer:
 
     @property
     def unwrapped(self) -> XUT:
-        return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
         opt = self.config.optimizer
