@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 #: bfloat16 must be at least this much faster than float32 to be chosen: below it, the timing noise
 #: of a shared machine could flip the choice, and the precision is not worth a small gain.
 MIN_SPEEDUP = 1.25
+#: Autocast must clear a wider margin: it rounds every activation, and a whole training step is
+#: timed far fewer times than a matrix product, so its ratio is the noisier of the two.
+MIN_AUTOCAST_SPEEDUP = 1.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

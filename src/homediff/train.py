@@ -161,7 +161,7 @@ class Trainer:
             else:
                 probe = self._probe_model(model)
                 check = precision.check_autocast(probe, self._probe_loss(probe), self.device)
-                faster = agree(check.speedup) >= precision.MIN_SPEEDUP
+                faster = agree(check.speedup) >= precision.MIN_AUTOCAST_SPEEDUP
                 close = agree(float(check.close)) == 1.0
                 autocast = "bfloat16" if faster and close else None
                 logger.info("CPU mixed precision: %s (bf16 autocast measured %.2f× float32's step "

@@ -14,6 +14,7 @@ import sys
 from homediff import __version__
 from homediff.cli import data as data_commands
 from homediff.cli import demo as demo_commands
+from homediff.cli import doctor as doctor_commands
 from homediff.cli import eval as eval_commands
 from homediff.cli import generate as generate_commands
 from homediff.cli import model as model_commands
@@ -21,7 +22,7 @@ from homediff.cli import train as train_commands
 from homediff.errors import HomediffError
 
 COMMAND_GROUPS = (demo_commands, data_commands, train_commands, generate_commands, eval_commands,
-                  model_commands)
+                  model_commands, doctor_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
