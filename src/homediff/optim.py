@@ -7,6 +7,13 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def full_tensor(t):
+    """A tensor sharded by FSDP (a ``DTensor``) gathered whole: every process must call this.
+    Anything else is returned as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def fan_in(p: torch.Tensor) -> int:
@@ -163,7 +170,9 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, multiplier: float) 
 
 class EMA:
     """Exponential moving average of a model's parameters (buffers are copied), kept in float32 on
-    the model's device: build it after the model has moved there.
+    the model's device: build it after the model has moved there. Built over a model sharded by
+    FSDP, each process averages its own shards; ``state_dict`` and ``copy_to`` gather them, so
+    every process must call those.
 
     decay at update t = min(decay, (1 + t) / (10 + t)), so early averages follow the weights.
     """
@@ -185,12 +194,17 @@ class EMA:
         self.updates += 1
 
     def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+        model.load_state_dict(self.state_dict()["shadow"])  # load_state_dict casts to the model's dtypes
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+        return {"decay": self.decay, "updates": self.updates,
+                "shadow": {k: full_tensor(v) for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates = state["decay"], state["updates"]
         for name, value in state["shadow"].items():
-            self.shadow[name].copy_(value)
+            target = self.shadow[name]
+            if isinstance(target, DTensor):  # this process's shard of the whole tensor
+                value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
+                                          target.placements)
+            target.copy_(value)

@@ -9,6 +9,9 @@ at the end, ``model/`` (a pipeline folder of the EMA weights), ``model.safetenso
 backbone in one file) and ``loss.png``. The same code runs on a CPU, one GPU, or many GPUs and
 nodes under ``accelerate launch`` or ``torchrun``.
 
+FSDP (``ACCELERATE_USE_FSDP=true`` under torch.distributed) shards the backbone: see ``sharding``;
+AdamW only, since Muon needs whole matrices.
+
 ``time_budget`` (seconds, single-stage configs; ``homediff demo``): every ``REFIT_EVERY`` steps the
 stage's length is re-fitted so that training ends on the budget at the mean step time so far, and
 the cosine learning-rate schedule follows the new length.
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from homediff import flow, precision
+from homediff import flow, precision, sharding
 from homediff.autoencoders import load_autoencoder
 from homediff.cache import DiskCache, cache_key, cached_rows
 from homediff.checkpoint import (latest_checkpoint, load_tensors, rng_state, save_tensors,
@@ -39,10 +42,11 @@ from homediff.checkpoint import (latest_checkpoint, load_tensors, rng_state, sav
 from homediff.config import StageConfig, TrainConfig, to_toml
 from homediff.errors import ConfigError, HomediffError
 from homediff.models import XUT, XUTConfig
+from homediff.models.layers import Block
 from homediff.models.flops import train_step_flops
 from homediff.monitor import Monitor
-from homediff.optim import (EMA, MuonAdamW, is_hidden_matrix, lr_multiplier, mark_muon_groups,
-                            orthogonalize, parameter_groups, set_lr)
+from homediff.optim import (EMA, MuonAdamW, full_tensor, is_hidden_matrix, lr_multiplier,
+                            mark_muon_groups, orthogonalize, parameter_groups, set_lr)
 from homediff.text import TextEncoder
 from homediff.training_data import BatchStream
 
@@ -107,7 +111,15 @@ class Trainer:
             **config.model.overrides})
         model, self.ema = self._build_model(model_config)
         self.precision = self._choose_precisions(model, saved.get("precision"))
-        self.model = self.accelerator.prepare_model(model)
+        self.fsdp = sharding.requested()
+        if self.fsdp:
+            if config.optimizer.name == "muon":
+                raise ConfigError("Muon orthogonalises whole matrices and FSDP splits them between "
+                                  "processes: use optimizer.name = \"adamw\" with FSDP")
+            model = sharding.shard(model, self.device, Block)
+            if self.ema:  # over the shards: each process averages its own
+                self.ema = EMA(model, config.ema.decay)
+        self.model = model if self.fsdp else self.accelerator.prepare_model(model)
         if config.train.compile:
             self.model = torch.compile(self.model)
         self.caches = self._caches()
@@ -275,16 +287,21 @@ class Trainer:
             cache.flush()
         self.accelerator.wait_for_everyone()
         data = gather_object([self.stream.state_dict()])  # every rank's shard positions
+        # every rank's random states: each rank draws its own noise, times and routing
+        ranks = gather_object([{"rng": rng_state(), "generator": self.generator.get_state()}])
+        weights = sharding.model_state(self.unwrapped, self.fsdp)
+        optimizer_state = sharding.optimizer_state(self.unwrapped, optimizer.optimizer, self.fsdp)
+        ema = self.ema.state_dict()["shadow"] if self.ema else None
         if not self.accelerator.is_main_process:
             return None
         scaler = self.accelerator.scaler
         state = {"progress": dataclasses.asdict(self.progress), "rng": rng_state(),
-                 "generator": self.generator.get_state(),
+                 "generator": self.generator.get_state(), "ranks": ranks,
                  "ema": {"decay": self.ema.decay, "updates": self.ema.updates} if self.ema else None,
                  "precision": self.precision}
         writers = {
-            "model.safetensors": lambda p: save_tensors(p, self.unwrapped.state_dict()),
-            "optimizer.pt": lambda p: torch.save({"optimizer": optimizer.state_dict(),
+            "model.safetensors": lambda p: save_tensors(p, weights),
+            "optimizer.pt": lambda p: torch.save({"optimizer": optimizer_state,
                                                   "scaler": scaler.state_dict() if scaler else None,
                                                   "data": _merge_positions(data)}, p),
             "state.pt": lambda p: torch.save(state, p),
@@ -292,7 +309,7 @@ class Trainer:
             "model_config.json": lambda p: p.write_text(json.dumps(self.unwrapped.config.to_dict())),
         }
         if self.ema:
-            writers["ema.safetensors"] = lambda p: save_tensors(p, self.ema.shadow)
+            writers["ema.safetensors"] = lambda p: save_tensors(p, ema)
         path = write_checkpoint(self.run_dir / "checkpoints", self.progress.step, writers,
                                 self.config.train.keep_checkpoints)
         self.monitor.checkpoint_line(path, self.progress, stage)
@@ -307,12 +324,15 @@ class Trainer:
         return path
 
     def _load(self, path: Path, state: dict) -> dict:
-        self.unwrapped.load_state_dict(load_tensors(path / "model.safetensors"))
+        weights = load_tensors(path / "model.safetensors")
+        sharding.load_model_state(self.unwrapped, weights, self.fsdp)
         if self.ema and state["ema"]:
             self.ema.load_state_dict({**state["ema"], "shadow": load_tensors(path / "ema.safetensors")})
         self.progress = Progress(**state["progress"])
-        set_rng_state(state["rng"])
-        self.generator.set_state(state["generator"])
+        ranks = state.get("ranks", [])  # absent from older checkpoints
+        own = ranks[self.rank] if len(ranks) == self.accelerator.num_processes else state
+        set_rng_state(own["rng"])
+        self.generator.set_state(own["generator"])
         self.monitor.say(f"resumed from {path} at step {self.progress.step} "
                          f"(stage {self.progress.stage + 1}, step {self.progress.stage_step} of the stage)")
         return torch.load(path / "optimizer.pt", weights_only=False)
@@ -349,7 +369,8 @@ class Trainer:
         self._announce_caches(stage)
         optimizer = self._optimizer(stage)
         if self._resume_state:
-            optimizer.load_state_dict(self._resume_state["optimizer"])
+            sharding.load_optimizer_state(self.unwrapped, optimizer.optimizer,
+                                          self._resume_state["optimizer"], self.fsdp)
             if self.accelerator.scaler and self._resume_state["scaler"]:
                 self.accelerator.scaler.load_state_dict(self._resume_state["scaler"])
             self.stream.load_state_dict(self._resume_state["data"])
@@ -392,7 +413,7 @@ class Trainer:
                                               "bf16/fp32; the last checkpoint is intact")
                     continue
                 bad_steps = 0
-                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+                grad_norm = full_tensor(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if self.ema:
@@ -488,29 +509,34 @@ class Trainer:
 
     # -- samples and export ------------------------------------------------------------------
 
-    def pipeline(self):
-        """A pipeline over a copy of the model holding the EMA weights (or the raw ones)."""
+    def _final_weights(self) -> dict[str, torch.Tensor]:
+        """The EMA weights (or the raw ones), whole: under FSDP every process must call this."""
+        return self.ema.state_dict()["shadow"] if self.ema else sharding.model_state(self.unwrapped,
+                                                                                      self.fsdp)
+
+    def pipeline(self, weights: dict[str, torch.Tensor] | None = None):
+        """A pipeline over a copy of the model holding ``weights``, by default ``_final_weights``."""
         from homediff.pipeline import HomeDiffPipeline
 
         model = XUT(self.unwrapped.config).to(self.device)
-        if self.ema:
-            self.ema.copy_to(model)
-        else:
-            model.load_state_dict(self.unwrapped.state_dict())
+        model.load_state_dict(self._final_weights() if weights is None else weights)
         stage = self.config.stages[min(self.progress.stage, len(self.config.stages) - 1)]
         return HomeDiffPipeline(model.eval(), self.text_encoder, self.autoencoder,
                                 sample_size=stage.resolution)
 
     def sample(self) -> None:
-        if not self.accelerator.is_main_process or not self.config.train.sample_prompts:
+        if not self.config.train.sample_prompts:
             return
-        self.monitor.samples(self.pipeline(), self.config.train, self.progress.step)
+        weights = self._final_weights()  # every process takes part in gathering them under FSDP
+        if self.accelerator.is_main_process:
+            self.monitor.samples(self.pipeline(weights), self.config.train, self.progress.step)
 
     def _export(self) -> Path | None:
         self.accelerator.wait_for_everyone()
+        weights = self._final_weights()
         if not self.accelerator.is_main_process:
             return None
-        pipe = self.pipeline()
+        pipe = self.pipeline(weights)
         pipe.text_encoder.config = self.config.text_encoder.options
         out = self.run_dir / "model"
         pipe.save_pretrained(out)
