@@ -292,8 +292,15 @@ class Trainer:
         weights = sharding.model_state(self.unwrapped, self.fsdp)
         optimizer_state = sharding.optimizer_state(self.unwrapped, optimizer.optimizer, self.fsdp)
         ema = self.ema.state_dict()["shadow"] if self.ema else None
-        if not self.accelerator.is_main_process:
-            return None
+        path = self._write_checkpoint(optimizer_state, weights, ema, data, ranks) \
+            if self.accelerator.is_main_process else None
+        self.accelerator.wait_for_everyone()  # no process reads checkpoints before they are whole
+        if path:
+            self.monitor.checkpoint_line(path, self.progress, stage)
+        return path
+
+    def _write_checkpoint(self, optimizer_state: dict, weights: dict, ema: dict | None,
+                          data: list, ranks: list) -> Path:
         scaler = self.accelerator.scaler
         state = {"progress": dataclasses.asdict(self.progress), "rng": rng_state(),
                  "generator": self.generator.get_state(), "ranks": ranks,
@@ -310,10 +317,8 @@ class Trainer:
         }
         if self.ema:
             writers["ema.safetensors"] = lambda p: save_tensors(p, ema)
-        path = write_checkpoint(self.run_dir / "checkpoints", self.progress.step, writers,
+        return write_checkpoint(self.run_dir / "checkpoints", self.progress.step, writers,
                                 self.config.train.keep_checkpoints)
-        self.monitor.checkpoint_line(path, self.progress, stage)
-        return path
 
     def _checkpoint_path(self, resume: str) -> Path:
         path = latest_checkpoint(self.run_dir / "checkpoints") if resume == "latest" else Path(resume)
