@@ -3,16 +3,13 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURE = SHARED / "fixtures" / "xut-official-small"
+from tiny_components import OFFICIAL_SMALL
 
 
 @pytest.fixture
 def official_small() -> Path:
-    """The original implementation's reference outputs (a small random model)."""
-    if not (FIXTURE / "model.safetensors").is_file():
-        pytest.skip("the shared fixture xut-official-small is not beside this checkout")
-    return FIXTURE
+    """The original implementation's reference outputs (a small random model; see its README)."""
+    return OFFICIAL_SMALL
 
 
 @pytest.fixture(scope="module")

@@ -50,10 +50,17 @@ def test_retrieval_is_perfect_on_the_gallery_itself_and_chance_on_random_queries
 
 def test_frechet_distance_of_gaussians():
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(4000, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
-    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
-    shift = torch.arange(8.0) / 4
-    assert frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+    a = (torch.randn(4000, 8, generator=generator, dtype=torch.float64)
+         @ torch.randn(8, 8, generator=generator, dtype=torch.float64))
+    # frechet_distance works in float64 through eigendecompositions, each eigenvalue within
+    # n·eps64·‖M‖ (n = 8); for two sets with the same covariance Σ the cross term sums the square
+    # roots of the eigenvalues of Σ^½ Σ Σ^½ = Σ² (≥ λmin²), which magnifies that by 1/(2·λmin):
+    # with Σ^½ computed the same way, twice n terms of n·eps64·λmax²/(2·λmin)
+    values = torch.linalg.eigvalsh(torch.cov(a.T))
+    tolerance = 2 * 8 * 8 * torch.finfo(torch.float64).eps * float(values.max() ** 2 / (2 * values.min()))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=tolerance)
+    shift = torch.arange(8.0, dtype=torch.float64) / 4
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), abs=tolerance)
     distances = [frechet_distance(a, a + s * shift) for s in (0.5, 1, 2)]
     assert distances == sorted(distances)
     wide = torch.randn(4000, 8, generator=generator) * 2  # N(0, 4I) against N(0, I): 8·(1 + 4 − 4)

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -16,6 +17,8 @@ from tiny_components import (OFFICIAL_SMALL, RELEASE_MEAN, RELEASE_STD, hdm_rele
                              tiny_vae, tiny_xut)
 
 SIZE = dict(height=16, width=24)
+EPS32 = torch.finfo(torch.float32).eps
+EPS64 = torch.finfo(torch.float64).eps
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +26,35 @@ def qwen_dir(tmp_path_factory):
     return qwen_folder(tmp_path_factory.mktemp("qwen"))
 
 
+def text_encoder(qwen_dir, dtype=torch.float32):
+    return TextEncoder.from_pretrained(qwen_dir, dtype="float32").to(dtype=dtype)
+
+
 @pytest.fixture(scope="module")
 def pipe(qwen_dir):
-    pipe = HomeDiffPipeline(tiny_xut(), TextEncoder.from_pretrained(qwen_dir),
+    pipe = HomeDiffPipeline(tiny_xut(), text_encoder(qwen_dir), KLAutoencoder(tiny_vae()), sample_size=16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe64(qwen_dir):
+    """The same pipeline with its transformer and text encoder in float64, for tests that compare
+    two ways of computing the same thing: they then differ by float64 rounding only."""
+    pipe = HomeDiffPipeline(tiny_xut().double(), text_encoder(qwen_dir, torch.float64),
                             KLAutoencoder(tiny_vae()), sample_size=16)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def euler_tolerance(latents, steps):
+    """How far two Euler runs in float32 may end apart when their float64 velocities agree.
+
+    ``samplers.euler`` keeps x in float32, so a velocity that differs in its 15th digit can still
+    round to the neighbouring float32, and so can the sum x + Δ·v: 2 ulps of |x| per step; the next
+    velocity moves with x by at most about as much again (the tiny model's gain is near 1): ×2.
+    """
+    return steps * 2 * 2 * EPS32 * latents.abs().max()
 
 
 def seed(n=0):
@@ -59,38 +85,54 @@ def test_fixed_seed_repeats_routing_guidance_included(pipe):
     assert not torch.equal(first, run(pipe, generator=seed(1), **kwargs))
 
 
-def test_scale_one_is_the_conditional_branch(pipe):
-    image = run(pipe, negative_prompt="a dog", guidance_scale=1.0, output_type="latent")
-    assert torch.equal(image, run(pipe, negative_prompt="", guidance_scale=1.0, output_type="latent"))
-    ctx = pipe.text_encoder.encode("a cat")
-    aspect, pos = math.log(24 / 16), pipe.position_map(16, 24)
-    conditional = lambda x, t: pipe.transformer(x, t, ctx, pos_map=pos, aspect=aspect)  # noqa: E731
-    expected = euler(conditional, pipe.noise(1, 16, 24, seed()), time_grid(3))
-    assert torch.allclose(image, expected, atol=1e-6)
+def test_scale_one_is_the_conditional_branch(pipe64):
+    """Guidance scale 1 samples with the conditional velocity alone (the negative prompt is unused)."""
+    image = run(pipe64, negative_prompt="a dog", guidance_scale=1.0, output_type="latent")
+    assert torch.equal(image, run(pipe64, negative_prompt="", guidance_scale=1.0, output_type="latent"))
+    ctx = pipe64.text_encoder.encode("a cat")
+    aspect, pos = math.log(24 / 16), pipe64.position_map(16, 24)
+
+    def conditional(x, t):
+        return pipe64.transformer(x.double(), t, ctx, pos_map=pos, aspect=aspect)
+
+    expected = euler(conditional, pipe64.noise(1, 16, 24, seed()), time_grid(3))
+    assert (image - expected).abs().max() <= euler_tolerance(expected, steps=3)
 
 
-def test_gamma_zero_is_no_routing_and_gamma_routes(pipe):
+def test_gamma_zero_is_no_routing_and_gamma_routes(pipe64):
     """With γ = (0, 0) the result is that of the unrouted model; γ_u = 0.5 changes it."""
-    ctx, uncond = pipe.text_encoder.encode("a cat"), pipe.text_encoder.encode("")
-    pos = pipe.position_map(16, 24)
+    ctx, uncond = pipe64.text_encoder.encode("a cat"), pipe64.text_encoder.encode("")
+    pos = pipe64.position_map(16, 24)
 
     def unrouted(x, t, c, rate):
-        return pipe.transformer(x, t, c, pos_map=pos.expand(x.shape[0], -1, -1), aspect=math.log(1.5))
+        return pipe64.transformer(x.double(), t, c, pos_map=pos.expand(x.shape[0], -1, -1),
+                                  aspect=math.log(1.5))
 
     expected = euler(guided_denoiser(unrouted, ctx, uncond, 2.0, batch=False),
-                     pipe.noise(1, 16, 24, seed()), time_grid(3))
-    latents = run(pipe, guidance_scale=2.0, output_type="latent")
-    assert torch.allclose(latents, expected, atol=1e-5)
-    routed = run(pipe, guidance_scale=2.0, tread_gamma=(0.0, 0.5), output_type="latent")
+                     pipe64.noise(1, 16, 24, seed()), time_grid(3))
+    latents = run(pipe64, guidance_scale=2.0, output_type="latent")
+    # guidance 2 samples v = 2·v_c − v_u, which moves by up to 2 + 1 = 3 times as much as a
+    # branch does when x moves
+    assert (latents - expected).abs().max() <= 3 * euler_tolerance(expected, steps=3)
+    routed = run(pipe64, guidance_scale=2.0, tread_gamma=(0.0, 0.5), output_type="latent")
     assert (routed - latents).abs().max() > 1e-3
 
 
-def test_batched_guidance_equals_separate_branches(pipe):
+def test_batched_guidance_equals_separate_branches(pipe64):
+    """Both branches as one batch of 4 give the velocities of two batches of 2.
+
+    In float64 the two differ only in the summation order inside the transformer's matrix
+    products. A product of K terms rounds by at most K ulps of its scale (K ≤ 64 here, the MLP
+    width); 16 such layers in a row at unit gain make 1024 ulps; guidance v_u + 3·(v_c − v_u)
+    weighs each branch's error by at most |1 − 3| + 3 = 5.
+    """
     cond, uncond = torch.randn(2, 5, 32, generator=seed(1)), torch.randn(2, 5, 32, generator=seed(2))
     x, t = torch.randn(2, 4, 8, 12, generator=seed(3)), torch.tensor(0.7)
-    batched = pipe.denoiser(cond, uncond, **SIZE, guidance_scale=3.0)(x, t)
-    separate = pipe.denoiser(cond, uncond, **SIZE, guidance_scale=3.0, batch=False)(x, t)
-    assert torch.allclose(batched, separate, atol=1e-5)
+    batched = pipe64.denoiser(cond, uncond, **SIZE, guidance_scale=3.0)(x, t)
+    separate = pipe64.denoiser(cond, uncond, **SIZE, guidance_scale=3.0, batch=False)(x, t)
+    assert batched.dtype == torch.float64
+    tolerance = 5 * 1024 * EPS64 * separate.abs().max()
+    assert (batched - separate).abs().max() <= tolerance
 
 
 def test_camera_edits_the_latent_position_map(pipe):
@@ -106,8 +148,9 @@ def test_camera_edits_the_latent_position_map(pipe):
     wide = pipe.position_map(16, 48)[0]
     assert wide.shape == (8 * 24, 2)
     # the long side spans [-1, 1] and the short side ±short/long, less half a cell at each end
-    assert extents(wide) == pytest.approx((2 - 2 / 24, 2 / 3 * (1 - 1 / 8)))
-    assert extents(grid) == pytest.approx((2 - 2 / 12, 4 / 3 * (1 - 1 / 8)))
+    # coordinates within [-1, 1] are each a few float32 roundings from exact: 4 ulps of 1
+    assert extents(wide) == pytest.approx((2 - 2 / 24, 2 / 3 * (1 - 1 / 8)), abs=4 * EPS32)
+    assert extents(grid) == pytest.approx((2 - 2 / 12, 4 / 3 * (1 - 1 / 8)), abs=4 * EPS32)
     changed = run(pipe, camera={"zoom": 1.5, "x_shift": 0.3})
     assert not torch.allclose(changed, run(pipe))
 
@@ -138,7 +181,7 @@ def test_save_and_load_give_identical_images(pipe, tmp_path):
 
 
 def test_pixel_space_pipeline(qwen_dir, tmp_path):
-    pipe = HomeDiffPipeline(tiny_xut(in_channels=12), TextEncoder.from_pretrained(qwen_dir),
+    pipe = HomeDiffPipeline(tiny_xut(in_channels=12), text_encoder(qwen_dir),
                             PixelAutoencoder(factor=2), sample_size=16)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.size_multiple == 4 and run(pipe, output_type="latent").shape == (1, 12, 8, 12)
@@ -168,8 +211,7 @@ def test_invalid_arguments_raise_clear_errors(pipe, kwargs, message):
 
 def test_components_must_fit(qwen_dir):
     with pytest.raises(ConfigError, match="32-d states but the transformer expects ctx_dim 48"):
-        HomeDiffPipeline(tiny_xut(ctx_dim=48), TextEncoder.from_pretrained(qwen_dir),
-                         KLAutoencoder(tiny_vae()))
+        HomeDiffPipeline(tiny_xut(ctx_dim=48), text_encoder(qwen_dir), KLAutoencoder(tiny_vae()))
 
 
 def test_progress_bar_can_be_turned_off(pipe, capsys):
@@ -195,7 +237,8 @@ def test_image_grid():
 def release(tmp_path_factory):
     files = hdm_release(tmp_path_factory.mktemp("release"))
     pipe = HomeDiffPipeline.from_hdm_release(files.checkpoint, text_encoder=files.text_encoder,
-                                             vae=files.vae_config, arch=files.arch)
+                                             vae=files.vae_config, arch=files.arch,
+                                             text_encoder_options={"dtype": "float32"})
     pipe.set_progress_bar_config(disable=True)
     return pipe, files
 
@@ -216,27 +259,40 @@ def test_release_components_are_imported(release):
     assert images.shape == (1, 24, 32, 3) and np.isfinite(images).all()
 
 
+def assert_one_euler_step(denoise, x, ts, velocity):
+    """euler(denoise, x, ts) over one step is x + Δ·v for the recorded velocity v.
+
+    The transformer runs in float64, so what separates the two is (1) the recording's own float32
+    rounding: the original's forward pass has about 64 matrix products and normalisations in a
+    row, each adding at most an ulp of relative error in norm, 64·eps32·‖v‖ in all (the same bound
+    as tests/models/test_xut.py); (2) the sampler rounding v and then x + Δ·v to float32: ½ ulp
+    each, eps32·(|Δ|·‖v‖ + ‖x‖) in norm. Δ is the step as the sampler takes it, t₁ − t₀ in float32.
+    """
+    step = (ts[1] - ts[0]).double()
+    expected = x.double() + step * velocity.double()
+    result = euler(denoise, x, ts)
+    bound = EPS32 * (64 * step.abs() * velocity.norm() + step.abs() * velocity.norm() + x.norm())
+    assert (result.double() - expected).norm() <= bound
+
+
 @pytest.mark.parametrize("sample", [0, 1])
 def test_release_first_euler_step_matches_the_original(release, sample):
     """The fixture's x, t, ctx as one Euler step with guidance 1 (hdm-spec §6.1): x − Δ·v."""
-    pipe = release[0]
+    pipe = copy.deepcopy(release[0])
+    pipe.transformer.double()  # float64: only the recording's rounding is left to compare
     io = load_file(OFFICIAL_SMALL / "io.safetensors")
     camera = json.loads((OFFICIAL_SMALL / "meta.json").read_text())["camera"]
     x, ctx, t = (io[k][sample:sample + 1] for k in ("x", "ctx", "t"))
-    ts, dt = torch.cat((t, t - 1 / 16)), 1 / 16
+    ts = torch.cat((t, t - 1 / 16))
     height, width = 12 * pipe.vae.factor, 16 * pipe.vae.factor
     pos = pipe.position_map(height, width, camera)[0]
-    assert torch.allclose(pos, io["pos_camera"][sample], atol=1e-6)
+    assert torch.equal(pos, io["pos_camera"][sample])  # the same float32 formula as the original
 
     denoise = pipe.denoiser(ctx, None, height=height, width=width, guidance_scale=1.0, camera=camera)
-    implied = (x - euler(denoise, x, ts)) / dt
-    expected = io["out_camera"][sample:sample + 1]
-    assert (implied - expected).norm() / expected.norm() < 1e-4
+    assert_one_euler_step(denoise, x, ts, io["out_camera"][sample:sample + 1])
 
     def velocity(x, t, c, rate):  # no position map: the grid at patch resolution
-        return pipe.transformer(x, t, c, tread_rate=rate)
+        return pipe.transformer(x.double(), t, c.double(), tread_rate=rate)
 
     plain = guided_denoiser(velocity, ctx, None, 1.0)
-    implied = (x - euler(plain, x, ts)) / dt
-    expected = io["out_default"][sample:sample + 1]
-    assert (implied - expected).norm() / expected.norm() < 1e-4
+    assert_one_euler_step(plain, x, ts, io["out_default"][sample:sample + 1])

@@ -75,7 +75,10 @@ def test_euler_on_the_uniform_grid_is_hdm_sampler():
     for k in range(8):
         expected = expected - (1 / 8) * (torch.sin(3 * expected) + (1 - k / 8))
     assert calls == pytest.approx([1 - k / 8 for k in range(8)])
-    assert torch.allclose(ours, expected, atol=1e-6)
+    # the same 8 steps written in another order: each may round its product and its sum apart,
+    # 2 ulps of |x| a step, which the next step carries on with gain 1 + 3/8 (|d sin(3x)/dx| ≤ 3)
+    gain = sum((1 + 3 / 8) ** k for k in range(8))
+    assert (ours - expected).abs().max() <= 2 * gain * torch.finfo(torch.float32).eps * expected.abs().max()
 
 
 def test_heun_costs_two_evaluations_per_step_but_none_at_zero():

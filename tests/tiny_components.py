@@ -12,7 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-OFFICIAL_SMALL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "xut-official-small"
+#: The original implementation's outputs on a small random model (tests/fixtures/…/README.md).
+OFFICIAL_SMALL = Path(__file__).resolve().parent / "fixtures" / "xut-official-small"
 CORPUS = ["a photo of a cat on a red sofa", "a blue square next to a green circle",
           "the quick brown fox jumps over the lazy dog", "一只猫 в снегу café"]
 
@@ -95,11 +96,9 @@ RELEASE_MEAN, RELEASE_STD = [0.1, -0.2, 0.3, 0.4], [2.0, 3.0, 4.0, 5.0]
 
 
 def hdm_release(root: Path) -> SimpleNamespace:
-    """A single file laid out as HDM releases it (hdm-spec §7): the shared fixture's backbone under
+    """A single file laid out as HDM releases it (hdm-spec §7): the xut-official-small backbone under
     ``unet.model.``, a tiny VAE under ``vae.`` with ``vae_mean``/``vae_std``, and text-encoder weights
     under ``te.text_models.0.``; beside it the VAE's config (no weights) and a 96-d tiny Qwen3."""
-    if not (OFFICIAL_SMALL / "model.safetensors").is_file():
-        pytest.skip("the shared fixture xut-official-small is not beside this checkout")
     from safetensors.torch import load_file, save_file
 
     from homediff.text import TextEncoder
@@ -109,7 +108,8 @@ def hdm_release(root: Path) -> SimpleNamespace:
     vae.save_pretrained(root / "vae")
     (root / "vae" / "diffusion_pytorch_model.safetensors").unlink()  # only the config is needed
     qwen = qwen_folder(root / "qwen", hidden=96)
-    te = {k: v + 0.5 for k, v in TextEncoder.from_pretrained(qwen).model.state_dict().items()}
+    encoder = TextEncoder.from_pretrained(qwen, dtype="float32")
+    te = {k: v + 0.5 for k, v in encoder.model.state_dict().items()}
     state = {"unet.model." + k: v for k, v in backbone.items()}
     state |= {"vae." + k: v.half() for k, v in vae.state_dict().items()}
     state |= {"te.text_models.0." + k: v for k, v in te.items()}

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    encoder = TextEncoder.from_pretrained(qwen_folder(root / "qwen"))
+    encoder = TextEncoder.from_pretrained(qwen_folder(root / "qwen"), dtype="float32")
     pipe = HomeDiffPipeline(tiny_xut(in_channels=3), encoder, PixelAutoencoder(), sample_size=16)
     pipe.save_pretrained(root / "run" / "model")
     assert main(["data", "shapes", str(root / "shapes"), "--size", "32", "--count", "20",

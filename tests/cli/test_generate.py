@@ -14,15 +14,16 @@ Image = pytest.importorskip("PIL.Image")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    encoder = TextEncoder.from_pretrained(qwen_folder(root / "qwen"))
+    encoder = TextEncoder.from_pretrained(qwen_folder(root / "qwen"), dtype="float32")
     pipe = HomeDiffPipeline(tiny_xut(), encoder, KLAutoencoder(tiny_vae()), sample_size=16)
     pipe.save_pretrained(root / "model")
     return root / "model"
 
 
 def generate(model_dir, out, *extra):
+    """``homediff generate`` in float32, so that runs compared do not depend on a measured choice."""
     return main(["generate", "a red cat", "--model", str(model_dir), "--out", str(out),
-                 "--steps", "2", "--seed", "7", *extra])
+                 "--steps", "2", "--seed", "7", "--dtype", "float32", *extra])
 
 
 def test_one_image_with_settings_in_the_metadata(model_dir, tmp_path, capsys):

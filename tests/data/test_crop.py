@@ -10,6 +10,8 @@ from homediff.data.crop import crop_offset, resized_size, shifted_square_crop, t
 from homediff.errors import ConfigError
 from homediff.models.rope import canonical_grid
 
+EPS32 = torch.finfo(torch.float32).eps
+
 
 def column_image(height: int, width: int) -> Image.Image:
     """Pixel (r, c) has value c in every channel, so a crop's offset can be read off its pixels."""
@@ -36,8 +38,10 @@ def test_random_crop_reaches_every_offset_including_both_ends():
     for _ in range(400):
         crop = shifted_square_crop(image, 40, "random", generator)
         offset = round((crop.image[0, 0, 0].item() + 1) * 127.5)
+        # bytes → [-1, 1] → bytes: three float32 roundings of at most ½ ulp of 255
         assert torch.allclose((crop.image[0, 0] + 1) * 127.5,
-                              torch.arange(offset, offset + 40, dtype=torch.float32), atol=1e-3)
+                              torch.arange(offset, offset + 40, dtype=torch.float32), rtol=0,
+                              atol=2 * 255 * EPS32)
         seen.add(offset)
     assert seen == set(range(21))
 
@@ -82,8 +86,10 @@ def test_landscape_map_spans_half_height_and_a_window_of_x():
     crop = shifted_square_crop(Image.fromarray(pattern(50, 100)), 50, "random",
                                torch.Generator().manual_seed(0))
     y, x = crop.pos[:, 0], crop.pos[:, 1]
-    assert y.min() == pytest.approx(-0.5 + 0.5 / 50) and y.max() == pytest.approx(0.5 - 0.5 / 50)
-    assert x.max() - x.min() == pytest.approx(1.0 - 2 / 100, abs=1e-5)
+    # float32 coordinates within [-1, 1]: a rounding or two of ½ ulp of 1 each
+    assert y.min() == pytest.approx(-0.5 + 0.5 / 50, abs=EPS32)
+    assert y.max() == pytest.approx(0.5 - 0.5 / 50, abs=EPS32)
+    assert x.max() - x.min() == pytest.approx(1.0 - 2 / 100, abs=2 * EPS32)
 
 
 def test_center_and_none_modes():
@@ -117,8 +123,9 @@ def test_crops_repeat_with_a_seed():
 
 def test_to_tensor_maps_bytes_to_minus_one_one():
     image = Image.fromarray(np.array([[[0, 255, 128]]], dtype=np.uint8))
+    # one float32 rounding of a value within [-1, 1]
     assert torch.allclose(to_tensor(image).flatten(), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]),
-                          atol=1e-6)
+                          rtol=0, atol=EPS32 / 2)
 
 
 def test_bad_mode_and_size_raise_config_errors():

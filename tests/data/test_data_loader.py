@@ -8,6 +8,10 @@ from homediff.data.crop import shifted_square_crop, to_tensor
 from homediff.errors import ConfigError, HomediffError
 from homediff.models.rope import crop_window
 
+#: a window's coordinates are float32 within [-1, 1], a rounding or two of ½ ulp of 1 from exact;
+#: mirroring (x ↦ −x) is exact, so a mirrored window and a flipped one agree within 2·eps32
+MIRRORED = dict(rtol=0, atol=2 * torch.finfo(torch.float32).eps)
+
 
 def test_flip_mirrors_the_crop_and_its_window():
     full_h, full_w, size = 8, 20, 8
@@ -17,9 +21,9 @@ def test_flip_mirrors_the_crop_and_its_window():
         flipped, flipped_pos = hflip(image, pos)
         assert torch.equal(flipped, image.flip(-1))
         mirrored = crop_window(full_h, full_w, 0, full_w - size - left, size, size)
-        assert torch.allclose(flipped_pos, mirrored, atol=1e-6)
+        assert torch.allclose(flipped_pos, mirrored, **MIRRORED)
         twice = hflip(flipped, flipped_pos)
-        assert torch.equal(twice[0], image) and torch.allclose(twice[1], pos)
+        assert torch.equal(twice[0], image) and torch.equal(twice[1], pos)
 
 
 def test_flipped_crop_is_the_mirrored_window_of_the_mirrored_image(tmp_path):
@@ -33,7 +37,7 @@ def test_flipped_crop_is_the_mirrored_window_of_the_mirrored_image(tmp_path):
         flipped, pos = hflip(crop.image, crop.pos)
         mirrored = 40 - 16 - left
         assert torch.equal(flipped, whole_mirror[:, :, mirrored:mirrored + 16])
-        assert torch.allclose(pos, crop_window(16, 40, 0, mirrored, 16, 16), atol=1e-6)
+        assert torch.allclose(pos, crop_window(16, 40, 0, mirrored, 16, 16), **MIRRORED)
 
 
 def test_flip_probability_in_the_dataset(tmp_path):

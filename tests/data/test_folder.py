@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 from imagefiles import save_image
+from PIL import Image
 
 from homediff.data import DataConfig, FolderDataset, scan_folder
 from homediff.data import folder as folder_module
@@ -70,16 +71,32 @@ def test_default_cache_folder_and_a_corrupt_cache(tmp_path):
     assert scan_folder(root) == entries
 
 
-def test_index_of_many_files_is_fast(tmp_path):
-    import time
+def test_index_of_many_files_takes_one_listing_not_a_call_per_file(tmp_path, monkeypatch):
+    """What keeps indexing fast on a large folder: one directory listing, no stat of each file
+    (pathlib's exists/is_file/stat all go through os.stat) and no image opened; a second scan
+    reads the index cache and checks it with a stat of each folder."""
+    data = tmp_path / "data"
+    data.mkdir()
     for i in range(3000):
-        (tmp_path / f"{i:05d}.jpg").touch()
+        (data / f"{i:05d}.jpg").touch()
         if i % 2:
-            (tmp_path / f"{i:05d}.txt").touch()
-    started = time.perf_counter()
-    entries = scan_folder(tmp_path, tmp_path / "cache-dir")
+            (data / f"{i:05d}.txt").touch()
+    calls = {"stat": 0, "open image": 0}
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "stat", counted("stat", os.stat))
+    monkeypatch.setattr(Image, "open", counted("open image", Image.open))
+    entries = scan_folder(data, tmp_path / "cache-dir")
     assert len(entries) == 3000 and sum(e.caption is not None for e in entries) == 1500
-    assert time.perf_counter() - started < 2.0
+    assert calls["stat"] <= 10 and calls["open image"] == 0, calls  # a few, not 3000
+    calls["stat"] = 0
+    assert scan_folder(data, tmp_path / "cache-dir") == entries
+    assert calls["stat"] <= 10 and calls["open image"] == 0, calls
 
 
 def test_samples_have_the_documented_shapes(tmp_path):
