@@ -59,7 +59,7 @@ def test_rope_is_identity_at_origin_and_preserves_norms():
     pos[:, 0] = 0
     y = rotate(x, rope.rotation(pos))
     assert torch.equal(y[:, 0], x[:, 0])
-    # cos θ and sin θ are each within an ulp, so |e^{iθ}| = 1 within 2·eps32; the complex product
+    # cos θ and sin θ are each within an ulp, so |e^{iθ}| = 1 within 2·eps32; the rotation
     # and the norm add a few roundings: 8·eps32 relative to the norm
     assert ((y.norm(dim=-1) - x.norm(dim=-1)).abs() <= 8 * EPS32 * x.norm(dim=-1)).all()
     assert not torch.allclose(y[:, 1:], x[:, 1:])
@@ -68,7 +68,7 @@ def test_rope_is_identity_at_origin_and_preserves_norms():
 def test_rope_pair_layout_alternates_y_and_x():
     rope = AxialRoPE(heads=1, head_dim=8, init="hdm")
     rotation = rope.rotation(torch.tensor([[[0.5, 0.0]]]))
-    cos, sin = rotation.real, rotation.imag
+    cos, sin = rotation.unbind(-1)
     angle = 0.5 * math.pi
     # Pairs 0 and 2 turn with y, pairs 1 and 3 with x (here 0). The float32 angle (0.5 times the
     # exp of a rounded log π) is within 2 ulps of π/2, and cos, sin move by as much plus an ulp.

@@ -108,15 +108,17 @@ class AxialRoPE(nn.Module):
         self.freqs = nn.Parameter(log_freqs.view(1, slots, 1).repeat(heads, 1, 2))
 
     def rotation(self, pos: torch.Tensor) -> torch.Tensor:
-        """Unit complex rotations of every channel pair for positions (B, N, 2): (B, N, H, Dh/2)."""
+        """(cos θ, sin θ) of every channel pair for positions (B, N, 2): (B, N, H, Dh/2, 2)."""
         angles = (pos[:, :, None, None, :].float() * self.freqs.float().exp()).flatten(-2)
-        return torch.polar(torch.ones_like(angles), angles)
+        return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (..., Dh) by ``rotation`` (..., Dh/2), in float32.
+    """Rotate channel pairs (2i, 2i+1) of x (..., Dh) by ``rotation`` (..., Dh/2, 2), in float32.
 
-    One complex multiplication: (a + ib)·e^{iθ} = (a cos θ − b sin θ) + i(b cos θ + a sin θ).
+    The complex product (a + ib)·e^{iθ} = (a cos θ − b sin θ) + i(b cos θ + a sin θ), written in real
+    arithmetic so that torch.compile generates kernels for it (inductor has none for complex tensors).
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rotation.unbind(-1)
+    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2).to(x.dtype)
