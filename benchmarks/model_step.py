@@ -3,6 +3,10 @@
     python benchmarks/model_step.py --preset xut-tiny --batch 8 --size 32 --text-tokens 32
     python benchmarks/model_step.py --hdm-config benchmarks/archs/bench-256.json --batch 8 \
         --size 32 --text-tokens 32 [--original DIR]
+    python benchmarks/model_step.py --config configs/tiny-emoji.toml --bf16
+
+--config RECIPE times the recipe's backbone (preset and overrides, with the input channels and text
+width of its autoencoder and text encoder) at its first stage's batch, latent size and text length.
 
 --bf16 adds the same steps under bfloat16 autocast (on the CPU: torch.autocast("cpu")).
 --original DIR times the original HDM implementation too (DIR holds its ``xut`` package, e.g. the
@@ -13,6 +17,7 @@ interleaved rounds and the median is reported, so that load on a shared machine 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -22,8 +27,25 @@ from pathlib import Path
 
 import torch
 
+from homediff.autoencoders import load_autoencoder
+from homediff.config import load_config
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import forward_flops
+from homediff.text import TextEncoder
+
+
+def recipe_model(path: Path) -> tuple[XUTConfig, dict]:
+    """A recipe's backbone config and its first stage's batch, latent size and text length."""
+    recipe = load_config(path)
+    options = {"factor": recipe.autoencoder.factor} if recipe.autoencoder.name == "pixel" else {}
+    autoencoder = load_autoencoder(recipe.autoencoder.name, **options)
+    text_options = recipe.text_encoder.options
+    text = TextEncoder.from_pretrained(recipe.text_encoder.name, **dataclasses.asdict(text_options))
+    config = XUTConfig.preset(recipe.model.preset, **{
+        "in_channels": autoencoder.channels, "ctx_dim": text.dim, **recipe.model.overrides})
+    stage = recipe.stages[0]
+    return config, {"batch": stage.batch_size, "size": stage.resolution // autoencoder.factor,
+                    "text_tokens": text_options.max_length}
 
 
 def original_model(source: Path, arch: dict):
@@ -69,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--preset", default="xut-tiny")
     parser.add_argument("--hdm-config", type=Path, help="original arch JSON (overrides --preset)")
+    parser.add_argument("--config", type=Path, help="a training recipe (overrides --preset and sizes)")
     parser.add_argument("--original", type=Path, help="folder holding the original `xut` package")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="latent height and width")
@@ -83,6 +106,9 @@ def main() -> None:
 
     arch = json.loads(args.hdm_config.read_text()) if args.hdm_config else None
     config = XUTConfig.from_hdm_config(arch) if arch else XUTConfig.preset(args.preset)
+    if args.config:
+        config, sizes = recipe_model(args.config)
+        vars(args).update(sizes)
     impls = {"homediff": XUT(config)}
     if args.bf16:
         impls["homediff, bf16 autocast"] = impls["homediff"]
@@ -103,7 +129,7 @@ def main() -> None:
             if round_ >= args.warmup:
                 times[key].append(time.perf_counter() - start)
 
-    name = args.hdm_config.name if args.hdm_config else args.preset
+    name = (args.config or args.hdm_config or Path(args.preset)).name
     print(f"# {name}: {XUT(config).num_parameters():,} parameters, batch {args.batch}, latent "
           f"{args.size}x{args.size}, {args.text_tokens} text tokens, {args.threads} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
@@ -117,6 +143,12 @@ def main() -> None:
         base = statistics.median(times[(impl, mode, 0.0)])
         print(f"| {impl} | {mode} | {rate} | {seconds * 1e3:.1f} | {args.batch / seconds:.1f} | "
               f"{flops / 1e9:.3f} | {flops * args.batch / seconds / 1e9:.1f} | {seconds / base:.2f} |")
+    if args.bf16:
+        for mode in ("forward", "train"):
+            for rate in (0.0, 0.5):
+                ratio = statistics.median(times[("homediff, bf16 autocast", mode, rate)]) / statistics.median(
+                    times[("homediff", mode, rate)])
+                print(f"bf16 autocast / float32 time, {mode}, routing {rate}: {ratio:.2f}x")
     if args.original:
         for mode in ("forward", "train"):
             for rate in (0.0, 0.5):
