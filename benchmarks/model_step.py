@@ -8,7 +8,9 @@
 --config RECIPE times the recipe's backbone (preset and overrides, with the input channels and text
 width of its autoencoder and text encoder) at its first stage's batch, latent size and text length.
 
---bf16 adds the same steps under bfloat16 autocast (on the CPU: torch.autocast("cpu")).
+--bf16 adds the same steps under bfloat16 autocast (on the CPU: torch.autocast("cpu")); --compile
+adds them through torch.compile (compiled in the warm-up rounds, so the table holds compiled steps
+only; the compilation time is printed apart).
 --original DIR times the original HDM implementation too (DIR holds its ``xut`` package, e.g. the
 ``src`` folder of a checkout of the HDM repository; needs an --hdm-config). Variants are timed in
 interleaved rounds and the median is reported, so that load on a shared machine hits all alike.
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--bf16", action="store_true", help="also time under bfloat16 autocast")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -112,6 +115,8 @@ def main() -> None:
     impls = {"homediff": XUT(config)}
     if args.bf16:
         impls["homediff, bf16 autocast"] = impls["homediff"]
+    if args.compile:
+        impls["homediff, compiled"] = torch.compile(impls["homediff"])
     if args.original:
         if arch is None:
             parser.error("--original needs --hdm-config")
@@ -122,12 +127,15 @@ def main() -> None:
                 for name, model in impls.items() for mode in ("forward", "train")
                 for rate in (0.0, 0.5)}
     times = {key: [] for key in variants}
+    first_calls = {key: 0.0 for key in variants}
     for round_ in range(args.warmup + args.rounds):
         for key, step in variants.items():
             start = time.perf_counter()
             step()
             if round_ >= args.warmup:
                 times[key].append(time.perf_counter() - start)
+            elif round_ == 0:
+                first_calls[key] = time.perf_counter() - start
 
     name = (args.config or args.hdm_config or Path(args.preset)).name
     print(f"# {name}: {XUT(config).num_parameters():,} parameters, batch {args.batch}, latent "
@@ -149,6 +157,13 @@ def main() -> None:
                 ratio = statistics.median(times[("homediff, bf16 autocast", mode, rate)]) / statistics.median(
                     times[("homediff", mode, rate)])
                 print(f"bf16 autocast / float32 time, {mode}, routing {rate}: {ratio:.2f}x")
+    if args.compile:
+        for mode in ("forward", "train"):
+            for rate in (0.0, 0.5):
+                compiled, plain = (statistics.median(times[(impl, mode, rate)])
+                                   for impl in ("homediff, compiled", "homediff"))
+                print(f"compiled / eager time, {mode}, routing {rate}: {compiled / plain:.2f}x "
+                      f"(first call {first_calls[('homediff, compiled', mode, rate)]:.1f} s)")
     if args.original:
         for mode in ("forward", "train"):
             for rate in (0.0, 0.5):
