@@ -34,13 +34,13 @@ from pathlib import Path
 
 import torch
 
-from homediff.config import load_config
-from homediff.demo import recipe
-from homediff.evaluate import EvalSettings, evaluate_fidelity, evaluate_shapes
+from homediff.app.demo import recipe
+from homediff.evaluation import EvalSettings, evaluate_fidelity, evaluate_shapes
+from homediff.figures import line_plot, smooth
 from homediff.models import XUT, XUTConfig
 from homediff.pipeline import HomeDiffPipeline
-from homediff.plots import line_plot, smooth
-from homediff.train import Trainer
+from homediff.training.config import load_config
+from homediff.training.loop import Trainer
 
 # variant: (skip wiring, routing rate or None for the recipe's, factor on the recipe's LR)
 VARIANTS = {"last": ("last", None, 1.0), "mirror": ("mirror", None, 1.0), "no-skip": ("none", None, 1.0),

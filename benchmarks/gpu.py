@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from homediff.config import load_config
-from homediff.demo import recipe
+from homediff.app.demo import recipe
+from homediff.diffusion.samplers import euler, guided_denoiser, time_grid
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import forward_flops, train_step_flops
-from homediff.samplers import euler, guided_denoiser, time_grid
+from homediff.training.config import load_config
 
 #: Peak dense bfloat16 tensor-core TFLOP/s (no sparsity) by a part of the CUDA device name; the
 #: first match wins, so a more specific name comes before a shorter one.
@@ -137,8 +137,8 @@ def run_pytest() -> Row:
 def dataset(folder: Path | None, work: Path, dry: bool) -> tuple[Path, str]:
     """The training folder and its name: the emoji set (given, or built in ``work``), or the
     shapes set where the emoji set cannot be built (or in a dry run)."""
+    from homediff.data.shapes import build_shapes_dataset
     from homediff.errors import HomediffError
-    from homediff.shapes import build_shapes_dataset
 
     if not dry:
         if folder is not None and (folder / "train").is_dir():
@@ -158,7 +158,7 @@ def dataset(folder: Path | None, work: Path, dry: bool) -> tuple[Path, str]:
 
 def tiny_emoji(device: torch.device, sizes: Sizes, data: Path | None) -> Row:
     """The packaged tiny-emoji recipe for ``sizes.emoji_steps`` steps, bf16 on CUDA."""
-    from homediff.train import Trainer
+    from homediff.training.loop import Trainer
 
     cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory() as work:

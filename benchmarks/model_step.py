@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from homediff.autoencoders import load_autoencoder
-from homediff.config import load_config
+from homediff.encoders.autoencoders import load_autoencoder
+from homediff.encoders.text import TextEncoder
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import forward_flops
-from homediff.text import TextEncoder
+from homediff.training.config import load_config
 
 
 def recipe_model(path: Path) -> tuple[XUTConfig, dict]:

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from homediff.config import load_config
 from homediff.models import XUT, XUTConfig
-from homediff.optim import MuonAdamW, mark_muon_groups, parameter_groups, set_lr
+from homediff.training.config import load_config
+from homediff.training.optim import MuonAdamW, mark_muon_groups, parameter_groups, set_lr
 
 CONTEXT_DIM = 384  # MiniLM's width; the text encoder itself is not needed here
 

@@ -2,7 +2,7 @@
 
     python benchmarks/portability.py [--classes native avx2 avx512] [--rounds 1]
 
-Each class runs the doctor's measurement (``homediff.doctor``) in a subprocess with the class's
+Each class runs the doctor's measurement (``homediff.app.doctor``) in a subprocess with the class's
 environment: the matrix-product rates, then the packaged ``tiny-emoji`` recipe timed in the demo's
 layout (two processes of one thread on a CPU with two cores or more) with its "auto" precisions,
 and, in the same run, with Muon's Newton-Schulz iteration forced to bfloat16 (the old default;
@@ -39,7 +39,7 @@ OLD_MUON = "optimizer.muon_dtype=bfloat16"
 
 def measure(out: Path, rounds: int, data: str) -> None:
     """One class's measurement (run in its environment): writes a JSON record to ``out``."""
-    from homediff.doctor import cpu_info, demo_estimate
+    from homediff.app.doctor import cpu_info, demo_estimate
 
     cpu = cpu_info()
     auto, old = [], []

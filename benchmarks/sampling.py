@@ -22,9 +22,9 @@ import time
 
 import torch
 
+from homediff.diffusion.samplers import euler, guided_denoiser, time_grid
+from homediff.geometry import canonical_grid
 from homediff.models import XUT, XUTConfig
-from homediff.models.rope import canonical_grid
-from homediff.samplers import euler, guided_denoiser, time_grid
 
 CASES = {
     "tiny": dict(preset="xut-tiny", overrides=dict(in_channels=12), image=64, latent=(12, 32, 32)),

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from homediff.config import load_config
 from homediff.models.flops import train_step_flops
-from homediff.train import Trainer
+from homediff.training.config import load_config
+from homediff.training.loop import Trainer
 
 
 def gemm_flops(size: int = 2048, repeats: int = 5) -> float:

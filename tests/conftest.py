@@ -1,9 +1,12 @@
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from tiny_components import OFFICIAL_SMALL
+
+from homediff.data import shapes
 
 
 @pytest.fixture
@@ -19,3 +22,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def shape_scenes():
+    """scenes(count, seed): (spec, objects) of random shapes scenes, one in five from the held-out
+    pairs."""
+    def scenes(count: int, seed: int = 0):
+        rng = random.Random(seed)
+        specs = [shapes.random_spec(rng, heldout=i % 5 == 0) for i in range(count)]
+        return [(spec, shapes.layout(spec, rng)) for spec in specs]
+
+    return scenes

@@ -11,11 +11,11 @@ import pytest
 import torch
 from train_helpers import square_folder, text_encoder_folder, tiny_config
 
-from homediff.autoencoders import PixelAutoencoder
+from homediff.encoders.autoencoders import PixelAutoencoder
+from homediff.encoders.text import TextEncoder
 from homediff.models import XUT
 from homediff.pipeline import HomeDiffPipeline
-from homediff.text import TextEncoder
-from homediff.train import Trainer
+from homediff.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from homediff.autoencoders import KLAutoencoder, PixelAutoencoder
-from homediff.errors import CheckpointError, ConfigError
-from homediff.models.rope import canonical_grid
-from homediff.pipeline import HomeDiffPipeline, image_grid
-from homediff.samplers import euler, guided_denoiser, time_grid
-from homediff.text import TextEncoder
 from tiny_components import (OFFICIAL_SMALL, RELEASE_MEAN, RELEASE_STD, hdm_release, qwen_folder,
                              tiny_vae, tiny_xut)
+
+from homediff.diffusion.samplers import euler, guided_denoiser, time_grid
+from homediff.encoders.autoencoders import KLAutoencoder, PixelAutoencoder
+from homediff.encoders.text import TextEncoder
+from homediff.errors import CheckpointError, ConfigError
+from homediff.figures import image_grid
+from homediff.geometry import canonical_grid
+from homediff.pipeline import HomeDiffPipeline
 
 SIZE = dict(height=16, width=24)
 EPS32 = torch.finfo(torch.float32).eps

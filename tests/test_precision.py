@@ -5,11 +5,11 @@ import logging
 
 import pytest
 import torch
+from train_helpers import square_folder, text_encoder_folder, tiny_config
 
 from homediff import precision
 from homediff.precision import AutocastCheck, Choice, choose_dtype, decide
-from homediff.train import Trainer
-from train_helpers import square_folder, text_encoder_folder, tiny_config
+from homediff.training.loop import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_autocast_check_sees_bfloat16_rounding_of_a_float32_model():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_text_encoder_takes_an_explicit_dtype(assets, dtype):
-    from homediff.text import TextEncoder
+    from homediff.encoders.text import TextEncoder
 
     encoder = TextEncoder.from_pretrained(assets[1], dtype=dtype, max_length=8)
     assert encoder.model.dtype == precision.DTYPES[dtype]

@@ -101,7 +101,7 @@ def hdm_release(root: Path) -> SimpleNamespace:
     under ``te.text_models.0.``; beside it the VAE's config (no weights) and a 96-d tiny Qwen3."""
     from safetensors.torch import load_file, save_file
 
-    from homediff.text import TextEncoder
+    from homediff.encoders.text import TextEncoder
 
     backbone = load_file(OFFICIAL_SMALL / "model.safetensors")
     vae = tiny_vae()

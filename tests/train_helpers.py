@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from homediff.config import TrainConfig, config_from_dict
-from homediff.train import Trainer
+from homediff.training.config import TrainConfig, config_from_dict
+from homediff.training.loop import Trainer
 
 EPS32 = torch.finfo(torch.float32).eps
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40),

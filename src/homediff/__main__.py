@@ -1,5 +1,5 @@
 import sys
 
-from homediff.cli import main
+from homediff.app.cli import main
 
 sys.exit(main())

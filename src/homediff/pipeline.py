@@ -32,15 +32,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from homediff import __version__
-from homediff.autoencoders import Autoencoder, KLAutoencoder, load_autoencoder
+from homediff.diffusion.samplers import check_rates, check_scale, get_sampler, guided_denoiser, time_grid
+from homediff.encoders.autoencoders import Autoencoder, KLAutoencoder, load_autoencoder
+from homediff.encoders.text import TextEncoder
 from homediff.errors import CheckpointError, ConfigError
+from homediff.geometry import camera as camera_edit
+from homediff.geometry import canonical_grid
 from homediff.models import XUT, XUTConfig, load_hdm_state_dict
 from homediff.models.release import arch_config, read_state_dict
-from homediff.models.rope import camera as camera_edit
-from homediff.models.rope import canonical_grid
 from homediff.precision import choose_matmul_dtype
-from homediff.samplers import check_rates, check_scale, get_sampler, guided_denoiser, time_grid
-from homediff.text import TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -320,16 +320,3 @@ def _convert(images: torch.Tensor, output_type: str):
                           "(or use output_type='np')") from err
     pixels = (array * 255).round().astype("uint8")
     return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
-
-
-def image_grid(images: list, columns: int | None = None):
-    """One PIL image with ``images`` (all the same size) in a grid, about square by default."""
-    from PIL import Image
-
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid

@@ -8,7 +8,7 @@ from PIL import Image
 
 from homediff.data.crop import crop_offset, resized_size, shifted_square_crop, to_tensor
 from homediff.errors import ConfigError
-from homediff.models.rope import canonical_grid
+from homediff.geometry import canonical_grid
 
 EPS32 = torch.finfo(torch.float32).eps
 

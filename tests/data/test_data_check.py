@@ -4,7 +4,7 @@ import pytest
 from imagefiles import save_image
 from PIL import Image
 
-from homediff.cli import main
+from homediff.app.cli import main
 from homediff.data.check import check_folder
 
 

@@ -6,7 +6,7 @@ from PIL import Image
 from homediff.data import DataConfig, EpochSampler, FolderDataset, collate, hflip, make_loader
 from homediff.data.crop import shifted_square_crop, to_tensor
 from homediff.errors import ConfigError, HomediffError
-from homediff.models.rope import crop_window
+from homediff.geometry import crop_window
 
 #: a window's coordinates are float32 within [-1, 1], a rounding or two of ½ ulp of 1 from exact;
 #: mirroring (x ↦ −x) is exact, so a mirrored window and a flipped one agree within 2·eps32

@@ -5,10 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from homediff.errors import ConfigError
+from homediff.geometry import camera, canonical_grid
 from homediff.models import XUT, XUTConfig, load_hdm_checkpoint
 from homediff.models.flops import forward_flops
-from homediff.models.rope import camera, canonical_grid
-
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps

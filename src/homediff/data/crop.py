@@ -21,7 +21,7 @@ import torch
 
 from homediff.data.images import Image
 from homediff.errors import ConfigError
-from homediff.models.rope import crop_window
+from homediff.geometry import crop_window
 
 CROP_MODES = ("random", "center", "none")
 

@@ -27,10 +27,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from homediff.errors import ConfigError
+from homediff.geometry import canonical_grid, resize_to_patches
 from homediff.models import tread
 from homediff.models.layers import (Block, Modulations, PatchEmbed, TimestepEmbedding, UnPatch,
                                     modulation, shared_adaln)
-from homediff.models.rope import canonical_grid, resize_to_patches
 
 
 @dataclass

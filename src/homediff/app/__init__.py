@@ -1,0 +1,1 @@
+"""The application on top: the `homediff` command, the demo and the doctor."""

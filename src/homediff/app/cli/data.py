@@ -1,0 +1,108 @@
+"""``homediff data``: pack a folder into shards, check a dataset, build the emoji or shapes set."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def register(commands) -> None:
+    data = commands.add_parser("data", help="prepare and check image-caption datasets")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    pack = actions.add_parser("pack", help="write a folder dataset as WebDataset tar shards")
+    pack.add_argument("folder", type=Path, help="images with same-stem .txt captions")
+    pack.add_argument("out", type=Path, help="folder for shard-000000.tar, ...")
+    pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard (1000)")
+    pack.add_argument("--seed", type=int, default=0, help="seed of the sample order (0)")
+    pack.set_defaults(run=run_pack)
+
+    check = actions.add_parser("check", help="decode every sample and list every problem")
+    check.add_argument("dir", type=Path, help="a folder dataset, or a folder of .tar shards")
+    check.add_argument("--size", type=int, help="crop size to check against (smaller: upscaled)")
+    check.add_argument("--min-size", type=int, default=0, help="skip images whose short side is "
+                       "smaller (default 0: upscale them)")
+    check.add_argument("--max-pixels", type=int, help="refuse larger images (default 8192²)")
+    check.add_argument("--skip-missing-captions", action="store_true",
+                       help="count images without a caption file as unusable")
+    check.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="processes (default: all cores)")
+    check.add_argument("--summary", action="store_true", help="print only the counts")
+    check.set_defaults(run=run_check)
+
+    emoji = actions.add_parser("emoji", help="build the built-in emoji dataset (OpenMoji, offline)")
+    emoji.add_argument("out", type=Path, help="new folder for train/, heldout/ and split.json")
+    emoji.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
+    emoji.add_argument("--scenes", type=int, default=0,
+                       help="also build this many multi-emoji scenes with positional captions")
+    emoji.add_argument("--scene-aspect", type=float, default=2.0,
+                       help="long/short side ratio of the scenes (2.0)")
+    emoji.add_argument("--seed", type=int, default=0, help="seed of the scenes (0)")
+    emoji.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="processes (default: all cores)")
+    emoji.set_defaults(run=run_emoji)
+
+    shapes = actions.add_parser("shapes", help="build a synthetic set of coloured-shape scenes")
+    shapes.add_argument("out", type=Path, help="new folder for train/, heldout/ and split.json")
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
+    shapes.add_argument("--count", type=int, default=10000, help="training scenes (10000)")
+    shapes.add_argument("--heldout", type=int, help="held-out scenes (default count/20, >= 50)")
+    shapes.add_argument("--seed", type=int, default=0, help="seed of the scenes (0)")
+    shapes.set_defaults(run=run_shapes)
+
+
+def run_pack(args) -> int:
+    from homediff.data.shards import pack_folder
+
+    started = time.perf_counter()
+    paths, written = pack_folder(args.folder, args.out, args.shard_size, args.seed)
+    print(f"wrote {written} samples in {len(paths)} shards to {args.out} "
+          f"({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def run_check(args) -> int:
+    from homediff.data.check import check_folder, check_shards
+    from homediff.data.folder import scan_folder
+    from homediff.data.transform import DataConfig
+
+    config = DataConfig(min_size=args.min_size,
+                        missing_caption="skip" if args.skip_missing_captions else "empty")
+    if args.max_pixels:
+        config.max_pixels = args.max_pixels
+    if not scan_folder(args.dir) and any(args.dir.glob("*.tar")):
+        report = check_shards(args.dir, config, args.size)
+    else:
+        report = check_folder(args.dir, config, args.size, args.workers)
+    if not args.summary:
+        for finding in sorted(report.findings, key=lambda f: (f.path, f.kind)):
+            what = "SKIPPED" if finding.skipped else "fixed"
+            print(f"{finding.path}: {what}: {finding.kind}: {finding.detail}")
+    skipped = report.samples - report.usable
+    print(f"{report.samples} samples: {report.usable} usable, {skipped} skipped, "
+          f"{len(report.findings)} problems")
+    for kind, count in sorted(report.counts().items()):
+        print(f"  {kind}: {count}")
+    return 0 if report.usable else 1
+
+
+def run_emoji(args) -> int:
+    from homediff.data.emoji import build_emoji_dataset
+
+    summary = build_emoji_dataset(args.out, args.size, args.scenes, args.scene_aspect, args.seed,
+                                  args.workers)
+    print(f"emoji set in {args.out} ({summary.pop('seconds')} s): " +
+          ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in summary.items()))
+    print(f"train on {args.out / 'train'}; the held-out split is in {args.out / 'split.json'}")
+    return 0
+
+
+def run_shapes(args) -> int:
+    from homediff.data.shapes import build_shapes_dataset
+
+    summary = build_shapes_dataset(args.out, args.size, args.count, args.heldout, args.seed)
+    print(f"shapes set in {args.out} ({summary['seconds']} s): {summary['train']} training and "
+          f"{summary['heldout']} held-out scenes")
+    print(f"train on {args.out / 'train'}; the held-out split is in {args.out / 'split.json'}")
+    return 0

@@ -1,0 +1,79 @@
+"""``homediff eval``: score a trained pipeline folder, offline.
+
+``homediff eval MODEL_DIR --data DIR`` measures prompt fidelity (caption retrieval, seen and
+held-out, next to ceiling and chance) and FD-EffNetLite0 on any data folder with ``train/`` and
+``heldout/``; ``homediff eval shapes MODEL_DIR --data DIR`` reads composition back from images of a
+model trained on ``homediff data shapes`` scenes. ``shapes`` is a first positional word, not a
+sub-command, so the plain form needs none (a model folder named "shapes" is given as ./shapes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+USAGE = "homediff eval [shapes] MODEL_DIR --data DIR [options]"
+
+
+def register(commands) -> None:
+    ev = commands.add_parser(
+        "eval", help="score a model: prompt fidelity, FD-EffNetLite0, or shapes composition",
+        usage=USAGE, description="Generate images for evaluation captions and score them, "
+        "offline. Writes NAME.json, NAME.md and PNGs (NAME: eval, or shapes) and prints the table.")
+    ev.add_argument("target", nargs="+", metavar="[shapes] MODEL_DIR",
+                    help="a saved pipeline folder, after the word 'shapes' for the composition check")
+    ev.add_argument("--data", metavar="DIR", required=True, type=Path,
+                    help="data folder with train/ and heldout/ (homediff data emoji|shapes)")
+    ev.add_argument("--out", metavar="DIR", type=Path,
+                    help="report folder (default: the folder holding MODEL_DIR)")
+    ev.add_argument("--per-caption", metavar="K", type=int, default=2, help="images per caption (2)")
+    ev.add_argument("--seen", metavar="N", type=int, default=50,
+                    help="seen captions drawn from train/ (50)")
+    ev.add_argument("--heldout", metavar="N", type=int, default=50,
+                    help="held-out captions, at most (50)")
+    ev.add_argument("--distractors", metavar="N", type=int, default=4,
+                    help="gallery captions added per held-out caption, nearest in words (4)")
+    ev.add_argument("--steps", metavar="S", type=int, default=16, help="sampling steps (16)")
+    ev.add_argument("--cfg", metavar="C", type=float, default=3.0, help="guidance scale (3)")
+    ev.add_argument("--seed", metavar="N", type=int, default=0, help="seed of captions and noise (0)")
+    ev.add_argument("--size", metavar="PX", type=int, help="image side (default: the model's)")
+    ev.add_argument("--batch", metavar="N", type=int, default=32, help="images per sampling call (32)")
+    ev.add_argument("--feature-size", metavar="PX", type=int, default=224,
+                    help="EfficientNet input side (224; smaller is faster, not comparable)")
+    ev.add_argument("--no-cache", action="store_true", help="recompute reference features")
+    ev.add_argument("--device", help="cpu, cuda, … (default: cuda if available)")
+    ev.set_defaults(run=run)
+
+
+def _target(words: list[str]) -> tuple[str, Path]:
+    from homediff.errors import HomediffError
+
+    if len(words) == 2 and words[0] == "shapes":
+        return "shapes", Path(words[1])
+    if len(words) == 1 and not (words[0] == "shapes" and not Path(words[0]).is_dir()):
+        return "fidelity", Path(words[0])
+    raise HomediffError(f"expected MODEL_DIR or 'shapes MODEL_DIR', got {' '.join(words)!r}; "
+                        f"usage: {USAGE}")
+
+
+def run(args) -> int:
+    import torch
+
+    from homediff.evaluation import EvalSettings, evaluate_fidelity, evaluate_shapes, markdown
+    from homediff.pipeline import HomeDiffPipeline
+
+    kind, model_dir = _target(args.target)
+    settings = EvalSettings(per_caption=args.per_caption, seen=args.seen, heldout=args.heldout,
+                            distractors=args.distractors, steps=args.steps, cfg=args.cfg,
+                            seed=args.seed, size=args.size, batch=args.batch,
+                            feature_size=args.feature_size, cache=not args.no_cache,
+                            progress=True)
+    settings.check()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = HomeDiffPipeline.from_pretrained(model_dir).to(device=device)
+    out = args.out or model_dir.resolve().parent
+    evaluate = evaluate_shapes if kind == "shapes" else evaluate_fidelity
+    report = evaluate(pipe, args.data, settings, out=out)
+    name = "shapes" if kind == "shapes" else "eval"
+    print(markdown(report))
+    print(f"{report['seconds']['total']} s; report: {out / (name + '.md')}, {out / (name + '.json')}")
+    return 0

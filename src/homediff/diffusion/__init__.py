@@ -1,0 +1,1 @@
+"""The diffusion process: rectified flow (training targets, time sampling) and samplers."""

@@ -1,0 +1,1 @@
+"""Frozen encoders around the backbone: text encoders and autoencoders (VAE or pixels)."""

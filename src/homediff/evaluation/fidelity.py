@@ -1,0 +1,128 @@
+"""Prompt fidelity (``evaluate_fidelity``): The gallery holds the reference images (at most
+``refs_per_caption`` per caption, first in file order) of the evaluation captions and of
+distractors: for each held-out caption the ``distractors`` train captions sharing most words with it
+(Jaccard on word sets; for emoji, the same emoji in other skin tones and others in the same tone),
+so a held-out prompt scores only if the whole combination is right. All images are embedded by
+``homediff.evaluation.effnet.features``. A query's score for a gallery caption is its highest cosine
+similarity to that caption's images; captions are ranked by score (ties favour the query's own) and
+top-k accuracy is the share of queries whose own caption ranks within the first k; its standard
+error counts each caption once (``topk_standard_error``).
+Queries: generated images give the accuracy; the evaluation captions' references after a round trip
+through the model's resolution (centre square resized with Pillow's antialiased bicubic as training
+data is; the feature network scales it up like a generated image) give the ceiling; chance is
+k / gallery captions. FD-EffNetLite0 is the Fréchet distance between Gaussians fitted to the
+generated and the reference features of the evaluation captions (its round-trip value is the
+ceiling). It depends on the sample sizes: compare runs only at equal settings, never with FID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from homediff.data.folder import default_cache_dir
+from homediff.evaluation import effnet
+from homediff.evaluation.common import EvalSettings, generate, load_image, select
+from homediff.evaluation.metrics import (TOPK, caption_ranks, frechet_distance, topk_accuracy,
+                                         topk_standard_error)
+from homediff.evaluation.report import sample_rows, write_report
+
+logger = logging.getLogger(__name__)
+
+FD_NAME = "FD-EffNetLite0"
+
+
+def embed(images: list[torch.Tensor], settings: EvalSettings, model=None,
+          what: str = "images") -> torch.Tensor:
+    """Features of (3, H, W) images, batched by shape, in input order (``model``: a loaded
+    EfficientNet-Lite0, default the CPU one)."""
+    from tqdm.auto import tqdm
+
+    out = torch.zeros(len(images), effnet.FEATURE_DIM)
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    batches = [indices[start:start + 32] for indices in groups.values()
+               for start in range(0, len(indices), 32)]
+    for part in tqdm(batches, desc=f"embedding {what}", disable=not settings.progress):
+        batch = torch.stack([images[i] for i in part])
+        out[part] = effnet.features(batch, size=settings.feature_size, model=model)
+    return out
+
+
+def reference_features(paths: list[Path], size: int | None, settings: EvalSettings, model=None):
+    """Features of reference images (round-tripped through ``size`` if given), cached on disk
+    under the user cache folder, keyed by paths, modification times, sizes and settings."""
+    stats = [(str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths]
+    key = hashlib.sha1(json.dumps([stats, size, settings.feature_size, 1]).encode()).hexdigest()
+    file = default_cache_dir().parent / "features" / f"{key[:24]}.pt"
+    if settings.cache and file.is_file():
+        return torch.load(file, weights_only=True)
+    found = embed([load_image(p, size) for p in paths], settings, model,
+                  "references" if size is None else "round-tripped references")
+    if settings.cache:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(found, file)
+        except OSError as err:
+            logger.info("%s: cannot cache features (%s)", file, err)
+    return found
+
+
+def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = None,
+                      out: str | Path | None = None) -> dict:
+    """Prompt fidelity and FD-EffNetLite0 of a pipeline on a data folder; writes the report
+    (``write_report``) to ``out`` if given and returns it."""
+    started = time.perf_counter()
+    s = select(pipe, data, settings)
+    settings, size, train, held = s.settings, s.size, s.train, s.held
+    seen, heldout, distractors = s.seen, s.heldout, s.distractors
+    model = effnet.load_effnet(pipe.device)
+    refs = {c: train[c][:settings.refs_per_caption] for c in seen + distractors}
+    refs |= {c: held[c][:settings.refs_per_caption] for c in heldout}
+    gallery_captions = [c for c, paths in refs.items() for _ in paths]
+    gallery = reference_features([p for paths in refs.values() for p in paths], None, settings,
+                                 model)
+    evaluated = [(c, p) for c in seen + heldout for p in refs[c]]
+    round_trip = reference_features([p for _, p in evaluated], size, settings, model)
+    wanted = set(seen) | set(heldout)
+    references = gallery[[i for i, c in enumerate(gallery_captions) if c in wanted]]
+    referenced = time.perf_counter()
+    images = generate(pipe, seen + heldout, settings, size)
+    generated_at = time.perf_counter()
+    generated = embed(list(images), settings, model, "generated images")
+    prompts = [c for c in seen + heldout for _ in range(settings.per_caption)]
+    report = {"kind": "fidelity", "data": str(data), "resolution": size,
+              "settings": asdict(settings),
+              "gallery": {"captions": len(refs), "images": len(gallery_captions),
+                          "distractors": len(distractors)},
+              "chance": [min(k / len(refs), 1.0) for k in range(1, TOPK + 1)]}
+    ranks = caption_ranks(generated, prompts, gallery, gallery_captions)
+    ceiling = caption_ranks(round_trip, [c for c, _ in evaluated], gallery, gallery_captions)
+    for name, split in (("seen", set(seen)), ("heldout", set(heldout))):
+        pick = [i for i, c in enumerate(prompts) if c in split]
+        ref_pick = [i for i, (c, _) in enumerate(evaluated) if c in split]
+        report[name] = {"captions": len(split), "images": len(pick),
+                        "topk": topk_accuracy(ranks[pick]),
+                        "topk_se": topk_standard_error(ranks[pick], [prompts[i] for i in pick]),
+                        "ceiling": topk_accuracy(ceiling[ref_pick])}
+    enough = min(len(generated), len(references)) >= 2
+    report["fd"] = {"name": FD_NAME,
+                    "generated": frechet_distance(generated, references) if enough else None,
+                    "round_trip": frechet_distance(round_trip, references) if enough else None,
+                    "samples": [len(generated), len(references)],
+                    "feature_size": settings.feature_size}
+    report["seconds"] = {"references": round(referenced - started, 1),
+                         "generation": round(generated_at - referenced, 1),
+                         "total": round(time.perf_counter() - started, 1)}
+    if out is not None:
+        tiles = [load_image(p, size) for _, p in evaluated]
+        write_report(report, out, "eval", sample_rows(seen, heldout, evaluated, tiles, images,
+                                                       settings.per_caption))
+    return report

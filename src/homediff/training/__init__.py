@@ -1,0 +1,1 @@
+"""Training: config, optimisers, checkpoints, caches, the batch stream, the monitor, the loop."""

@@ -1,0 +1,79 @@
+"""The training loop's view of the data: one resumable stream of batches per stage.
+
+Folder datasets resume at (epoch, batch): the sampler's order is a function of the seed and the
+epoch, so skipping the consumed batches gives exactly the batches the interrupted run would have
+seen. Shard datasets resume at each loader worker's stream position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+from pathlib import Path
+
+from homediff.data import FolderDataset, ShardDataset, ShardProgress, make_loader
+from homediff.data.loader import distributed_rank
+from homediff.errors import ConfigError
+from homediff.training.config import DatasetSection
+
+
+def dataset_kind(section: DatasetSection) -> str:
+    if section.kind in ("folder", "shards"):
+        return section.kind
+    if section.kind != "auto":
+        raise ConfigError(f"dataset.kind must be 'folder', 'shards' or 'auto', got {section.kind!r}")
+    path = Path(section.path)
+    if path.suffix == ".tar" or glob.has_magic(section.path) or "{" in section.path:
+        return "shards"
+    return "shards" if path.is_dir() and any(path.glob("*.tar")) else "folder"
+
+
+class BatchStream:
+    """Batches of ``batch_size`` crops at ``resolution`` for one stage."""
+
+    def __init__(self, section: DatasetSection, resolution: int, batch_size: int, seed: int,
+                 pin_memory: bool = False):
+        if not section.path:
+            raise ConfigError("dataset.path is empty: point it at an image folder or tar shards "
+                              "(`homediff data emoji data/emoji` builds the built-in set)")
+        self.kind = dataset_kind(section)
+        if self.kind == "folder" and not Path(section.path).is_dir():
+            raise ConfigError(f"dataset.path {section.path} is not a folder")
+        options = dataclasses.replace(section.options, size=resolution)
+        if self.kind == "folder":
+            self.dataset = FolderDataset(section.path, options, seed=seed)
+        else:
+            self.dataset = ShardDataset(section.path, options, seed=seed)
+        self.section, self.batch_size, self.seed = section, batch_size, seed
+        self.pin_memory = pin_memory  # page-locked batches copy to a GPU without blocking
+        self.shard_progress = ShardProgress()
+        self.loader = None
+
+    def __len__(self) -> int:
+        """Batches per epoch of this rank (folder datasets only)."""
+        if self.kind != "folder":
+            raise ConfigError("a stage over tar shards must give `steps`, not `epochs`")
+        return len(self.dataset) // self.batch_size // distributed_rank()[1]
+
+    def _make_loader(self):
+        return make_loader(self.dataset, self.batch_size, workers=self.section.workers, seed=self.seed,
+                           pin_memory=self.pin_memory)
+
+    def epoch(self, epoch: int, start_batch: int):
+        """Batches of one epoch from ``start_batch`` on (shards: the stream from where it stood)."""
+        if self.loader is None:
+            self.loader = self._make_loader()
+        if self.kind == "folder":
+            self.loader.sampler.set_epoch(epoch, start=start_batch * self.batch_size)
+        for batch in self.loader:
+            if self.kind == "shards":
+                self.shard_progress.update(batch)
+            yield batch
+
+    def state_dict(self) -> dict | None:
+        return self.shard_progress.state_dict() if self.kind == "shards" else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.kind == "shards" and state:
+            self.dataset.load_state_dict(state)
+            self.shard_progress.positions.update(state["positions"])

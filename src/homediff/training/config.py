@@ -1,0 +1,262 @@
+"""Training configuration: dataclasses, TOML files, ``--set section.key=value`` overrides.
+
+A run's config is one TOML file. Every key is checked: an unknown key or a value of the wrong type
+is an error that names the key. The resolved config is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from homediff.data.transform import DataConfig
+from homediff.encoders.text import DEFAULT_TEXT_ENCODER, TextEncoderConfig
+from homediff.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelSection:
+    """The backbone: a preset and any ``XUTConfig`` field to change. ``in_channels`` and
+    ``ctx_dim`` default to what the autoencoder and text encoder give."""
+
+    preset: str = "xut-tiny"
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextSection:
+    name: str = DEFAULT_TEXT_ENCODER  # local path or hub id of a transformers model
+    options: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+@dataclass
+class AutoencoderSection:
+    name: str = "pixel"  # "pixel", a diffusers AutoencoderKL folder or hub id
+    factor: int = 1  # pixel space: pixel-unshuffle factor
+
+
+@dataclass
+class DatasetSection:
+    path: str = ""  # an image folder, or a folder / glob of .tar shards
+    kind: str = "auto"  # "folder", "shards" or "auto"
+    workers: int = 2
+    options: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class OptimizerSection:
+    name: str = "adamw"  # "muon": Muon for the hidden matrices, AdamW for the rest (optim.MuonAdamW)
+    muon_dtype: str = "auto"  # Muon's Newton-Schulz precision: "auto" (measured), "bfloat16", "float32"
+    lr_rule: str = "fan_in"  # "fan_in": lr / fan-in per tensor (HDM's muP, base_dim 1); "plain"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.02
+    decay_norms_and_biases: bool = False  # HDM decays every tensor; off excludes 1-D and RoPE
+    grad_clip: float = 3.0
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.01  # cosine decays to this fraction of the stage's LR
+
+
+@dataclass
+class EMASection:
+    enabled: bool = True
+    decay: float = 0.999  # reached after warm-up: decay_t = min(decay, (1 + t) / (10 + t))
+
+
+@dataclass
+class StageConfig:
+    """One stage of progressive training; a stage runs ``steps`` optimiser steps or ``epochs``."""
+
+    name: str = ""
+    resolution: int = 256
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 0.5
+    steps: int = 0
+    epochs: float = 0.0
+    tread_rate: float = 0.5
+    text_length: int = 0  # 0: the text encoder's max_length
+    weight_decay: float = -1.0  # < 0: the optimizer section's
+    grad_clip: float = -1.0  # < 0: the optimizer section's
+    betas: list[float] = field(default_factory=list)  # empty: the optimizer section's
+
+
+@dataclass
+class TrainSection:
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto": GPUs bf16 (else fp16), CPUs bf16 where measured faster
+    compile: bool = False  # wrap the model in torch.compile
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end of each stage
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 24
+    sample_cfg: float = 3.0
+    time_mean: float = 0.0  # training flow times t = sigmoid(mean + std·N(0, 1)) (HDM: 0, 1)
+    time_std: float = 1.0
+    time_shift_base: int = 0  # > 0: times shifted towards noise by √(H·W)/base (SD3); 0: none (HDM)
+    contrastive_weight: float = 0.0  # ΔFM's λ: minus λ·MSE to another sample's velocity (0: off)
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    fp16_grad_compression: bool = False
+    cache_text: bool = False
+    cache_latents: bool = False
+    deterministic: bool = False
+    peak_tflops: float = 0.0  # the accelerator's peak, to log model FLOP utilisation (MFU)
+    wandb: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    text_encoder: TextSection = field(default_factory=TextSection)
+    autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    ema: EMASection = field(default_factory=EMASection)
+    train: TrainSection = field(default_factory=TrainSection)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ConfigError("the config has no [[stages]]: add at least one")
+        for i, stage in enumerate(self.stages):
+            if (stage.steps > 0) == (stage.epochs > 0):
+                raise ConfigError(f"stages[{i}] must set exactly one of steps or epochs")
+            if stage.resolution < 1 or stage.batch_size < 1 or stage.grad_accum < 1:
+                raise ConfigError(f"stages[{i}]: resolution, batch_size and grad_accum must be positive")
+        if self.optimizer.name not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer.name must be 'adamw' or 'muon', got {self.optimizer.name!r}")
+        if self.optimizer.muon_dtype not in ("auto", "bfloat16", "float32"):
+            raise ConfigError("optimizer.muon_dtype must be 'auto', 'bfloat16' or 'float32', "
+                              f"got {self.optimizer.muon_dtype!r}")
+        if self.optimizer.lr_rule not in ("fan_in", "plain"):
+            raise ConfigError(f"optimizer.lr_rule must be 'fan_in' or 'plain', got {self.optimizer.lr_rule!r}")
+        if self.train.time_shift_base < 0:
+            raise ConfigError(f"train.time_shift_base must be >= 0, got {self.train.time_shift_base}")
+        if self.train.time_std < 0:
+            raise ConfigError(f"train.time_std must be >= 0, got {self.train.time_std}")
+        if not 0 <= self.train.contrastive_weight < 1:
+            raise ConfigError("train.contrastive_weight must be in [0, 1), got "
+                              f"{self.train.contrastive_weight}")
+        if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError("train.mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', "
+                              f"got {self.train.mixed_precision!r}")
+
+
+def _describe(kind) -> str:
+    return getattr(kind, "__name__", str(kind))
+
+
+def _build(kind, value, where: str):
+    """Check ``value`` against the annotation ``kind`` and convert tables to dataclasses."""
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if isinstance(value, kind):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return _from_dict(kind, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(kind)
+        return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return _build(option, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} has the wrong type: {value!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is dict and isinstance(value, dict):
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {_describe(kind)}, got {value!r}")
+    return value
+
+
+def _from_dict(cls, values: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{where}." if where else ""
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys here: {', '.join(names)})")
+    try:
+        return cls(**{k: _build(hints[k], v, prefix + k) for k, v in values.items()})
+    except TypeError as err:
+        raise ConfigError(f"{where or 'config'}: {err}") from err
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word is a string
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` (TOML value, or a bare string; ``stages.0.lr`` indexes lists)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    path, text = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {path}: {key} is not an index of that list")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {path}: {last} is not an index of that list")
+        node[int(last)] = _parse_value(text.strip())
+    else:
+        node[last] = _parse_value(text.strip())
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    return _from_dict(TrainConfig, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a TOML config, apply dotted overrides, and check every key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from err
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(config))

@@ -1,0 +1,139 @@
+"""What a training run shows: a progress bar, TensorBoard (and optionally wandb) logs, sample
+grids, one line per checkpoint and, at the end, the loss curve. Only the main process shows."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from homediff.figures import line_plot, smooth
+
+logger = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, *, enabled: bool, wandb: bool, config):
+        self.run_dir, self.enabled, self.config = run_dir, enabled, config
+        self.bar = self.writer = self.wandb = None
+        self.problems: Counter[str] = Counter()
+        if not enabled:
+            return
+        for sub in ("logs", "samples", "checkpoints"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "logs"))
+        except ImportError:
+            logger.warning("TensorBoard is not installed (pip install tensorboard): no event logs")
+        if wandb:
+            import wandb as wandb_module
+            self.wandb = wandb_module.init(project="homediff", dir=str(run_dir),
+                                           config=dataclasses.asdict(config))
+
+    def say(self, message: str) -> None:
+        """A line for the person watching (kept clear of the progress bar)."""
+        if self.enabled:
+            from tqdm import tqdm
+            tqdm.write(message, file=sys.stderr)
+        logger.info(message)
+
+    def start_stage(self, index: int, stage, total: int, done: int, flops_per_image: int) -> None:
+        self.flops_per_image = flops_per_image
+        self.last_time, self.images = time.perf_counter(), 0
+        self.window: list[float] = []
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+        if self.bar:
+            self.bar.close()
+        name = stage.name or f"{stage.resolution}px"
+        self.bar = tqdm(total=total, initial=done, desc=f"stage {index + 1}/{len(self.config.stages)} "
+                        f"{name}", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def set_total(self, total: int) -> None:
+        """A new length for the stage's progress bar."""
+        if self.bar:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def count_problems(self, batch: dict) -> None:
+        self.problems.update(batch.get("problems", {}))
+
+    def step(self, progress, loss: float, groups, grad_norm, images: int) -> None:
+        self.images += images
+        self.window.append(loss)
+        if not self.enabled:
+            return
+        lr = groups[0]["lr"] / groups[0]["lr_scale"]
+        self.bar.update(1)
+        if progress.step % self.config.train.log_every:
+            return
+        now = time.perf_counter()
+        rate = self.images / max(now - self.last_time, 1e-9)
+        mean = sum(self.window) / len(self.window)
+        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}")
+        scalars = {"loss": mean, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": rate,
+                   "tflops_per_s": rate * self.flops_per_image / 1e12, "memory_gb": _memory_gb()}
+        if self.config.train.peak_tflops > 0:
+            scalars["mfu"] = scalars["tflops_per_s"] / self.config.train.peak_tflops
+        if self.writer:
+            for name, value in scalars.items():
+                self.writer.add_scalar(f"train/{name}", value, progress.step)
+        if self.wandb:
+            self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=progress.step)
+        self.last_time, self.images, self.window = now, 0, []
+
+    def checkpoint_line(self, path: Path, progress, stage: int) -> None:
+        recent = [loss for _, loss in progress.losses[-100:]]
+        mean = sum(recent) / max(1, len(recent))
+        skipped = sum(self.problems.values())
+        extra = f", {skipped} image problems so far ({dict(self.problems)})" if skipped else ""
+        self.say(f"checkpoint step {progress.step} (stage {stage + 1}): "
+                 f"loss {mean:.4f} over the last {len(recent)} steps{extra} -> {path}")
+
+    def samples(self, pipeline, train, step: int) -> Path:
+        """A grid of the fixed sample prompts, one seed each, saved as samples/step-N.png."""
+        from homediff.figures import image_grid
+
+        pipeline.set_progress_bar_config(disable=True)
+        images = [pipeline(prompt, num_inference_steps=train.sample_steps, guidance_scale=train.sample_cfg,
+                           generator=torch.Generator().manual_seed(seed)).images[0]
+                  for seed, prompt in enumerate(train.sample_prompts)]
+        path = self.run_dir / "samples" / f"step-{step:08d}.png"
+        grid = image_grid(images)
+        grid.save(path)
+        if self.writer:
+            import numpy as np
+            self.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        return path
+
+    def finish(self, progress) -> None:
+        if not self.enabled or not progress.losses:
+            return
+        steps = [s for s, _ in progress.losses]
+        losses = [v for _, v in progress.losses]
+        window = max(1, len(losses) // 50)
+        line_plot({"loss": (steps, losses), f"mean of {window}": (steps, smooth(losses, window))},
+                  self.run_dir / "loss.png", title="training loss", xlabel="step", ylabel="loss",
+                  log_y=True)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        if self.writer:
+            self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+from tiny_components import hdm_release, qwen_folder, tiny_vae, tiny_xut
+
+from homediff.app.cli import main
+from homediff.encoders.autoencoders import KLAutoencoder
+from homediff.encoders.text import TextEncoder
+from homediff.pipeline import HomeDiffPipeline
+
+Image = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    encoder = TextEncoder.from_pretrained(qwen_folder(root / "qwen"), dtype="float32")
+    pipe = HomeDiffPipeline(tiny_xut(), encoder, KLAutoencoder(tiny_vae()), sample_size=16)
+    pipe.save_pretrained(root / "model")
+    return root / "model"
+
+
+def generate(model_dir, out, *extra):
+    """``homediff generate`` in float32, so that runs compared do not depend on a measured choice."""
+    return main(["generate", "a red cat", "--model", str(model_dir), "--out", str(out),
+                 "--steps", "2", "--seed", "7", "--dtype", "float32", *extra])
+
+
+def test_one_image_with_settings_in_the_metadata(model_dir, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    assert generate(model_dir, out, "--width", "24", "--negative", "blurry", "--zoom", "1.5",
+                    "--tread-gamma", "0", "0.25", "--sampler", "heun") == 0
+    image = Image.open(out)
+    assert image.size == (24, 16)
+    assert image.text["prompt"] == "a red cat"
+    record = json.loads(image.text["homediff"])
+    assert record["seed"] == 7 and record["negative_prompt"] == "blurry"
+    assert record["camera"]["zoom"] == 1.5 and record["tread_gamma"] == [0.0, 0.25]
+    assert record["sampler"] == "heun" and record["size"] == [24, 16]
+    assert "seed 7" in capsys.readouterr().out
+
+
+def test_several_images_and_a_grid_repeat_with_the_seed(model_dir, tmp_path):
+    assert generate(model_dir, tmp_path / "a", "--num", "3") == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["000.png", "001.png", "002.png", "grid.png"]
+    assert Image.open(tmp_path / "a" / "grid.png").size == (32, 32)
+    assert generate(model_dir, tmp_path / "b.png", "--num", "3") == 0
+    names = sorted(p.name for p in tmp_path.glob("b-*.png"))
+    assert names == ["b-0.png", "b-1.png", "b-2.png", "b-grid.png"]
+    assert Image.open(tmp_path / "a" / "001.png").tobytes() == Image.open(tmp_path / "b-1.png").tobytes()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--width", "30"], "width 30 is not a positive multiple of 4"),
+    (["--steps", "0"], "number of sampling steps must be a positive integer"),
+    (["--cfg", "-2"], "guidance scale must be a number >= 0"),
+    (["--sampler", "ddim"], "unknown sampler 'ddim'"),
+])
+def test_mistakes_are_reported(model_dir, tmp_path, capsys, extra, message):
+    assert generate(model_dir, tmp_path / "x.png", *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert generate(tmp_path / "nothing", tmp_path / "x.png") == 2
+    assert "not a homediff pipeline folder" in capsys.readouterr().err
+
+
+def test_released_checkpoint_file(tmp_path, capsys):
+    files = hdm_release(tmp_path)
+    out = tmp_path / "hdm.png"
+    assert main(["generate", "a cat", "--model", str(files.checkpoint), "--out", str(out),
+                 "--text-encoder", str(files.text_encoder), "--vae", str(files.vae_config),
+                 "--arch", str(files.arch), "--width", "32", "--height", "24", "--steps", "1"]) == 0
+    assert Image.open(out).size == (32, 24)

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from train_helpers import square_folder, text_encoder_folder, tiny_config
+
+from homediff.errors import ConfigError
+from homediff.training.cache import DiskCache, cache_key, cached_rows
+from homediff.training.loop import Trainer
+
+
+def test_disk_cache_round_trip_and_reload(tmp_path):
+    cache = DiskCache(tmp_path, shard_size=3)
+    for i in range(7):
+        cache.put(cache_key("row", i), torch.full((2, 2), float(i)))
+    assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2  # 6 flushed, 1 pending
+    cache.flush()
+    again = DiskCache(tmp_path)
+    assert len(again) == 7
+    assert torch.equal(again.get(cache_key("row", 5)), torch.full((2, 2), 5.0, dtype=torch.float16))
+    assert again.get(cache_key("row", 9)) is None
+
+
+def test_cached_rows_computes_only_what_is_missing(tmp_path):
+    cache = DiskCache(tmp_path)
+    calls = []
+
+    def compute(indices):
+        calls.append(list(indices))
+        return [torch.tensor([float(i)]) for i in indices]
+
+    keys = ["a", "b", "c"]
+    cached_rows(cache, keys[:2], compute)
+    rows = cached_rows(cache, keys, compute)
+    assert calls == [[0, 1], [2]]
+    assert rows.flatten().tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    return square_folder(root / "squares"), text_encoder_folder(root / "text")
+
+
+def test_training_with_caches_matches_training_without(assets, tmp_path, caplog):
+    plain = Trainer(tiny_config(*assets), tmp_path / "plain")
+    plain.run()
+    config = tiny_config(*assets, train={"cache_text": True, "cache_latents": True, "sample_prompts": []})
+    with caplog.at_level("INFO"):
+        cached = Trainer(config, tmp_path / "cached")
+        cached.run()
+    assert "caching latents" in caplog.text and "KiB per entry" in caplog.text
+    text = DiskCache(tmp_path / "cached" / "cache" / "text-rank0")
+    latents = DiskCache(tmp_path / "cached" / "cache" / "latents-rank0")
+    assert len(text) == 8 + 1  # eight captions and the empty one (caption dropout)
+    assert len(latents) > 8  # one per image and crop window
+    a = [loss for _, loss in plain.progress.losses]
+    b = [loss for _, loss in cached.progress.losses]
+    # The caches store text states and latents in float16, each within ½ ulp (eps16 / 2) of the
+    # float32 value; a squared error doubles that: ≤ eps16 of the loss at the first step. Each of
+    # the 10 steps trains on such inputs and can add as much again: 10·eps16, 16·eps16 ≈ 1.6 %.
+    assert b == pytest.approx(a, rel=16 * torch.finfo(torch.float16).eps)
+
+
+def test_text_cache_needs_fixed_length_padding(assets, tmp_path):
+    config = tiny_config(*assets, train={"cache_text": True})
+    config.text_encoder.options.padding = "longest"
+    with pytest.raises(ConfigError, match="max_length"):
+        Trainer(config, tmp_path)
