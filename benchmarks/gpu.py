@@ -118,7 +118,7 @@ def text_length(resolution: int, given: int | None = None) -> int:
         return given
     config = load_config(recipe("hdm-xut-base"))
     stage = next(s for s in config.stages if s.resolution == resolution)
-    return stage.text_length or config.text_encoder.options.max_length
+    return stage.text_length
 
 
 def run_pytest() -> Row:

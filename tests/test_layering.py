@@ -17,7 +17,7 @@ import homediff
 PACKAGE = Path(homediff.__file__).parent
 LAYERS = [
     ["errors"],
-    ["precision", "geometry", "figures"],
+    ["precision", "geometry", "figures", "exports"],
     ["data", "models", "diffusion", "encoders"],
     ["pipeline"],
     ["training", "evaluation"],
@@ -86,3 +86,12 @@ def test_a_unit_loads_no_unit_above_it_in_a_fresh_interpreter(unit):
                                        check=True).stdout)
     above = sorted({unit_of(m) for m in loaded} & {u for u in LAYER if LAYER[u] > LAYER[unit]})
     assert not above, f"importing homediff.{unit} loads {above}"
+
+
+def test_reading_a_config_loads_neither_torch_nor_pillow():
+    recipe = PACKAGE / "recipes" / "hdm-xut-base.toml"
+    code = ("import json, sys\nfrom homediff.training.config import load_config\n"
+            f"load_config({str(recipe)!r})\nprint(json.dumps(sorted(sys.modules)))")
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout))
+    assert not loaded & {"torch", "PIL", "numpy"}

@@ -60,8 +60,8 @@ def test_training_with_caches_matches_training_without(assets, tmp_path, caplog)
     assert b == pytest.approx(a, rel=16 * torch.finfo(torch.float16).eps)
 
 
-def test_text_cache_needs_fixed_length_padding(assets, tmp_path):
-    config = tiny_config(*assets, train={"cache_text": True})
-    config.text_encoder.options.padding = "longest"
+def test_text_cache_needs_fixed_length_padding(assets):
+    options = {"padding": "longest", "max_length": 6, "dtype": "float32"}
     with pytest.raises(ConfigError, match="max_length"):
-        Trainer(config, tmp_path)
+        tiny_config(*assets, train={"cache_text": True},
+                    text_encoder={"name": str(assets[1]), "options": options})

@@ -55,8 +55,9 @@ def test_training_objective_values_are_checked_on_load(tmp_path, line, message):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('name = "sgd"', "optimizer.name must be 'adamw' or 'muon', got 'sgd'"),
-    ('muon_dtype = "float16"', "optimizer.muon_dtype must be .*'bfloat16' or 'float32', got 'float16'")])
+    ('name = "sgd"', "optimizer.name must be one of 'adamw', 'muon', got 'sgd'"),
+    ('muon_dtype = "float16"', "optimizer.muon_dtype must be one of .*'float32', got 'float16'"),
+    ("betas = [0.9]", r"optimizer.betas must be two numbers in \[0, 1\), got \[0.9\]")])
 def test_unknown_optimizer_settings_are_named(tmp_path, line, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, MINIMAL + f"[optimizer]\n{line}\n"))
@@ -92,3 +93,47 @@ def test_missing_or_broken_file(tmp_path):
         load_config(tmp_path / "absent.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[[stages]\n"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.0.batch_size=0", r"stages\[0\].batch_size must be positive, got 0"),
+    ("stages.0.tread_rate=1.0", r"stages\[0\].tread_rate must be in \[0, 1\)"),
+    ("ema.decay=1.0", r"ema.decay must be in \[0, 1\), got 1.0"),
+    ("train.mixed_precision=fp8", "train.mixed_precision must be one of 'auto', 'no', 'bf16', 'fp16'"),
+    ("dataset.kind=zip", "dataset.kind must be one of 'auto', 'folder', 'shards', got 'zip'"),
+])
+def test_each_section_checks_its_own_ranges(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, MINIMAL), [override])
+
+
+def test_unset_stage_keys_inherit_once_and_set_ones_stay(tmp_path):
+    text = MINIMAL + """[[stages]]
+steps = 5
+weight_decay = 0.0
+betas = [0.8, 0.9]
+text_length = 12
+
+[optimizer]
+weight_decay = 0.05
+grad_clip = 2.0
+
+[text_encoder.options]
+max_length = 20
+"""
+    first, second = load_config(write(tmp_path, text)).stages
+    assert (first.weight_decay, first.grad_clip, first.betas, first.text_length) == (0.05, 2.0, [0.9, 0.98], 20)
+    assert (second.weight_decay, second.grad_clip, second.betas, second.text_length) == (0.0, 2.0, [0.8, 0.9], 12)
+    again = load_config(write(tmp_path, to_toml(load_config(write(tmp_path, text)))))
+    assert again.stages == [first, second]  # the saved config holds the resolved values
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.overrides.tread_rate=0.3", "model.overrides.tread_rate is not read in training: set each stage's"),
+    ("model.overrides.gradient_checkpointing=true", "set train.gradient_checkpointing"),
+    ("dataset.options.size=64", "dataset.options.size is not read in training"),
+    ("train.cache_text=true", "train.cache_text needs text_encoder.options.padding"),
+])
+def test_keys_that_training_would_ignore_are_refused(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, MINIMAL), [override])

@@ -8,16 +8,15 @@
 Needs the ``data`` extra (Pillow, webdataset); the emoji builder needs the ``emoji`` extra.
 """
 
-from homediff.data.captions import CaptionConfig, process_caption
-from homediff.data.crop import Crop, shifted_square_crop
-from homediff.data.folder import FolderDataset, scan_folder
-from homediff.data.loader import EpochSampler, collate, hflip, make_loader
-from homediff.data.problems import BadSample, ProblemLog
-from homediff.data.shards import ShardDataset, ShardProgress, pack_folder
-from homediff.data.transform import DataConfig
+from homediff.exports import lazy_exports
 
-__all__ = [
-    "BadSample", "CaptionConfig", "Crop", "DataConfig", "EpochSampler", "FolderDataset",
-    "ProblemLog", "ShardDataset", "ShardProgress", "collate", "hflip", "make_loader",
-    "pack_folder", "process_caption", "scan_folder", "shifted_square_crop",
-]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "captions": ["process_caption"],
+    "crop": ["Crop", "shifted_square_crop"],
+    "folder": ["FolderDataset", "scan_folder"],
+    "loader": ["EpochSampler", "collate", "hflip", "make_loader"],
+    "options": ["CaptionConfig", "DataConfig"],
+    "problems": ["BadSample", "ProblemLog"],
+    "shards": ["ShardDataset", "ShardProgress", "pack_folder"],
+})
+__all__ = __dir__()

@@ -24,36 +24,11 @@ from __future__ import annotations
 
 import codecs
 import random
-from dataclasses import dataclass
 
 import torch
 
+from homediff.data.options import CaptionConfig
 from homediff.data.problems import Note
-from homediff.errors import ConfigError
-
-
-@dataclass
-class CaptionConfig:
-    """How captions are processed; rates are probabilities in [0, 1]."""
-
-    keep_separator: str = "|||"
-    group_separator: str = "%%"
-    tag_separator: str = ","
-    joiner: str = ", "
-    shuffle_tags: bool = True
-    shuffle_groups: bool = True
-    tag_dropout: float = 0.0
-    group_dropout: float = 0.0
-    caption_dropout: float = 0.1
-
-    def __post_init__(self):
-        for name in ("tag_dropout", "group_dropout", "caption_dropout"):
-            rate = getattr(self, name)
-            if not 0.0 <= rate <= 1.0:
-                raise ConfigError(f"captions.{name} must be a probability in [0, 1], got {rate}")
-        for name in ("keep_separator", "group_separator", "tag_separator"):
-            if not getattr(self, name):
-                raise ConfigError(f"captions.{name} must not be empty")
 
 
 def _tags(text: str, separator: str) -> list[str]:

@@ -5,7 +5,7 @@ The image is resized so its short side is ``size`` (long side ``round(size·long
 Pillow's antialiased bicubic filter. A ``size × size`` window is taken along the long side: at a
 uniformly random offset in ``[0, long − size]`` (every offset, the last included), or centred.
 The window's position map is cut from the canonical grid of the whole resized image
-(``homediff.models.rope``), so the model sees where in the full picture the crop lies.
+(``homediff.geometry``), so the model sees where in the full picture the crop lies.
 
 Conventions: image (3, H, W) float in [−1, 1]; position map (H·W, 2) as (y, x), row-major;
 aspect = ln(W/H) of the whole resized image (positive for landscape, 0 for square).
@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from homediff.data.images import Image
+from homediff.data.options import CROP_MODES
 from homediff.errors import ConfigError
 from homediff.geometry import crop_window
-
-CROP_MODES = ("random", "center", "none")
 
 
 class Crop(NamedTuple):

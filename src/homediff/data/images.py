@@ -8,12 +8,12 @@ import math
 import numpy as np
 
 from homediff.data.deps import require
+from homediff.data.options import DEFAULT_MAX_PIXELS
 from homediff.data.problems import BadSample, Note
 
 Image = require("PIL.Image", "data", "pillow")
 ImageOps = require("PIL.ImageOps", "data", "pillow")
 
-DEFAULT_MAX_PIXELS = 8192 * 8192
 WHITE = (255, 255, 255)
 
 

@@ -3,51 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 
 import torch
 
-from homediff.data.captions import CaptionConfig, decode_caption, process_caption
-from homediff.data.crop import CROP_MODES, shifted_square_crop
-from homediff.data.images import DEFAULT_MAX_PIXELS, Image, decode_image
+from homediff.data.captions import decode_caption, process_caption
+from homediff.data.crop import shifted_square_crop
+from homediff.data.images import Image, decode_image
 from homediff.data.loader import hflip
+from homediff.data.options import DataConfig
 from homediff.data.problems import BadSample, Note
-from homediff.errors import ConfigError
-
-MISSING_CAPTION = ("empty", "skip")
-
-
-@dataclass
-class DataConfig:
-    """How images and captions become training samples.
-
-    size: crop side in pixels. crop: "random" (shifted square crop), "center" or "none".
-    flip: probability of a horizontal flip. min_size: skip images whose short side is smaller
-    (0: upscale every small image). max_pixels: refuse larger images. missing_caption: "empty" (use
-    the empty caption) or "skip".
-    """
-
-    size: int = 256
-    crop: str = "random"
-    flip: float = 0.0
-    min_size: int = 0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    missing_caption: str = "empty"
-    captions: CaptionConfig = field(default_factory=CaptionConfig)
-
-    def __post_init__(self):
-        if isinstance(self.captions, dict):
-            self.captions = CaptionConfig(**self.captions)
-        if self.size < 1:
-            raise ConfigError(f"data.size must be a positive number of pixels, got {self.size}")
-        if self.crop not in CROP_MODES:
-            raise ConfigError(
-                f"data.crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
-        if not 0.0 <= self.flip <= 1.0:
-            raise ConfigError(f"data.flip must be a probability in [0, 1], got {self.flip}")
-        if self.missing_caption not in MISSING_CAPTION:
-            raise ConfigError(f"data.missing_caption must be 'empty' or 'skip', "
-                              f"got {self.missing_caption!r}")
 
 
 def sample_seed(*parts: int) -> int:

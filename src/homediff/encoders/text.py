@@ -23,43 +23,18 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from homediff.encoders.options import DEFAULT_TEXT_ENCODER, TextEncoderConfig
 from homediff.errors import CheckpointError, ConfigError
-from homediff.precision import DTYPES, choose_matmul_dtype
+from homediff.precision import choose_matmul_dtype
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
 CONFIG_NAME = "homediff_text_encoder.json"
-PADDING = ("max_length", "longest")
-
-
-@dataclass
-class TextEncoderConfig:
-    """How prompts become context states. ``layer`` indexes ``hidden_states`` (0 = embeddings);
-    -1 is the model's final output. ``cache_size`` > 0 keeps that many prompts' states."""
-
-    layer: int = -1
-    padding: str = "longest"
-    max_length: int = 256
-    dtype: str = "auto"  # "auto": bfloat16 where measured faster on the model's device, else float32
-    cache_size: int = 0
-
-    def __post_init__(self):
-        if self.padding not in PADDING:
-            raise ConfigError(f"text encoder padding must be one of {PADDING}, got {self.padding!r}")
-        if self.max_length < 1:
-            raise ConfigError(f"text encoder max_length must be at least 1, got {self.max_length}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ConfigError(f"text encoder dtype must be 'auto' or one of {tuple(DTYPES)}, "
-                              f"got {self.dtype!r}")
-        if self.cache_size < 0:
-            raise ConfigError(f"text encoder cache_size must be >= 0, got {self.cache_size}")
 
 
 def _transformers():

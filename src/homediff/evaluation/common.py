@@ -26,34 +26,7 @@ from PIL import Image
 from homediff.data.crop import shifted_square_crop
 from homediff.data.folder import scan_folder
 from homediff.errors import ConfigError, HomediffError
-from homediff.evaluation.effnet import INPUT_SIZE
-
-
-@dataclass
-class EvalSettings:
-    """Options of both evaluations (see the module docstring); ``size`` None: the pipeline's."""
-
-    per_caption: int = 2
-    seen: int = 50
-    heldout: int = 50
-    distractors: int = 4
-    refs_per_caption: int = 1
-    steps: int = 16
-    cfg: float = 3.0
-    seed: int = 0
-    size: int | None = None
-    batch: int = 32
-    feature_size: int = INPUT_SIZE
-    cache: bool = True
-    progress: bool = False
-
-    def check(self) -> None:
-        for name in ("per_caption", "refs_per_caption", "steps", "batch", "feature_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got "
-                                  f"{getattr(self, name)}")
-        if self.seen < 0 or self.heldout < 0 or self.distractors < 0:
-            raise ConfigError("seen, heldout and distractors must be >= 0")
+from homediff.evaluation.settings import EvalSettings
 
 
 def read_captions(folder: Path) -> dict[str, list[Path]]:

@@ -20,8 +20,6 @@ from homediff.training.config import DatasetSection
 def dataset_kind(section: DatasetSection) -> str:
     if section.kind in ("folder", "shards"):
         return section.kind
-    if section.kind != "auto":
-        raise ConfigError(f"dataset.kind must be 'folder', 'shards' or 'auto', got {section.kind!r}")
     path = Path(section.path)
     if path.suffix == ".tar" or glob.has_magic(section.path) or "{" in section.path:
         return "shards"

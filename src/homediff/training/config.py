@@ -1,7 +1,10 @@
 """Training configuration: dataclasses, TOML files, ``--set section.key=value`` overrides.
 
-A run's config is one TOML file. Every key is checked: an unknown key or a value of the wrong type
-is an error that names the key. The resolved config is saved with every checkpoint.
+A run's config is one TOML file. Every key is checked: an unknown key, a value of the wrong type or
+out of range is an error that names the key; each section checks its own values. A stage key left
+unset (None) inherits the optimizer's (or the text encoder's) value, resolved once when the config is
+built, so the config saved with every checkpoint holds the values the run used. Reading a config
+imports neither torch nor Pillow.
 """
 
 from __future__ import annotations
@@ -13,14 +16,31 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from homediff.data.transform import DataConfig
-from homediff.encoders.text import DEFAULT_TEXT_ENCODER, TextEncoderConfig
+from homediff.data.options import DataConfig
+from homediff.encoders.options import DEFAULT_TEXT_ENCODER, TextEncoderConfig
 from homediff.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+class InvalidValue(ConfigError):
+    """A section's value out of range; ``key`` names it within the section ("" for the section)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}" if key else message)
+        self.key = key
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise InvalidValue(key, message)
+
+
+def _one_of(value, options: tuple, key: str) -> None:
+    _require(value in options, key, f"must be one of {', '.join(map(repr, options))}, got {value!r}")
 
 
 @dataclass
@@ -49,7 +69,11 @@ class DatasetSection:
     path: str = ""  # an image folder, or a folder / glob of .tar shards
     kind: str = "auto"  # "folder", "shards" or "auto"
     workers: int = 2
-    options: DataConfig = field(default_factory=DataConfig)
+    options: DataConfig = field(default_factory=DataConfig)  # its size is each stage's resolution
+
+    def __post_init__(self):
+        _one_of(self.kind, ("auto", "folder", "shards"), "kind")
+        _require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -65,11 +89,23 @@ class OptimizerSection:
     warmup_steps: int = 1000
     min_lr_ratio: float = 0.01  # cosine decays to this fraction of the stage's LR
 
+    def __post_init__(self):
+        _one_of(self.name, ("adamw", "muon"), "name")
+        _one_of(self.muon_dtype, ("auto", "bfloat16", "float32"), "muon_dtype")
+        _one_of(self.lr_rule, ("fan_in", "plain"), "lr_rule")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                 f"must be two numbers in [0, 1), got {self.betas}")
+        for key in ("eps", "weight_decay", "grad_clip", "warmup_steps", "min_lr_ratio"):
+            _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+
 
 @dataclass
 class EMASection:
     enabled: bool = True
     decay: float = 0.999  # reached after warm-up: decay_t = min(decay, (1 + t) / (10 + t))
+
+    def __post_init__(self):
+        _require(0 <= self.decay < 1, "decay", f"must be in [0, 1), got {self.decay}")
 
 
 @dataclass
@@ -84,10 +120,26 @@ class StageConfig:
     steps: int = 0
     epochs: float = 0.0
     tread_rate: float = 0.5
-    text_length: int = 0  # 0: the text encoder's max_length
-    weight_decay: float = -1.0  # < 0: the optimizer section's
-    grad_clip: float = -1.0  # < 0: the optimizer section's
-    betas: list[float] = field(default_factory=list)  # empty: the optimizer section's
+    text_length: int | None = None  # None: the text encoder's max_length
+    weight_decay: float | None = None  # None: the optimizer section's
+    grad_clip: float | None = None  # None: the optimizer section's
+    betas: list[float] | None = None  # None: the optimizer section's
+
+    def __post_init__(self):
+        _require((self.steps > 0) != (self.epochs > 0), "", "must set exactly one of steps or epochs")
+        for key in ("resolution", "batch_size", "grad_accum"):
+            _require(getattr(self, key) >= 1, key, f"must be positive, got {getattr(self, key)}")
+        _require(self.lr >= 0, "lr", f"must be >= 0, got {self.lr}")
+        _require(0 <= self.tread_rate < 1, "tread_rate", f"must be in [0, 1), got {self.tread_rate}")
+        _require(self.text_length is None or self.text_length >= 1, "text_length",
+                 f"must be at least 1, got {self.text_length}")
+
+    def inherit(self, optimizer: OptimizerSection, text_length: int) -> None:
+        """Fill the keys left unset from the optimizer section and the text encoder."""
+        for key, value in (("weight_decay", optimizer.weight_decay), ("grad_clip", optimizer.grad_clip),
+                           ("betas", list(optimizer.betas)), ("text_length", text_length)):
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
 
 @dataclass
@@ -97,7 +149,7 @@ class TrainSection:
     compile: bool = False  # wrap the model in torch.compile
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # 0: keep all
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end of each stage
     sample_prompts: list[str] = field(default_factory=list)
@@ -115,6 +167,17 @@ class TrainSection:
     peak_tflops: float = 0.0  # the accelerator's peak, to log model FLOP utilisation (MFU)
     wandb: bool = False
 
+    def __post_init__(self):
+        _one_of(self.mixed_precision, ("auto", "no", "bf16", "fp16"), "mixed_precision")
+        _require(self.time_std >= 0, "time_std", f"must be >= 0, got {self.time_std}")
+        _require(self.time_shift_base >= 0, "time_shift_base", f"must be >= 0, got {self.time_shift_base}")
+        _require(0 <= self.contrastive_weight < 1, "contrastive_weight",
+                 f"must be in [0, 1), got {self.contrastive_weight}")
+        for key in ("checkpoint_every", "log_every", "sample_steps", "max_bad_steps"):
+            _require(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
+        for key in ("keep_checkpoints", "sample_every"):
+            _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+
 
 @dataclass
 class TrainConfig:
@@ -130,28 +193,14 @@ class TrainConfig:
     def __post_init__(self):
         if not self.stages:
             raise ConfigError("the config has no [[stages]]: add at least one")
-        for i, stage in enumerate(self.stages):
-            if (stage.steps > 0) == (stage.epochs > 0):
-                raise ConfigError(f"stages[{i}] must set exactly one of steps or epochs")
-            if stage.resolution < 1 or stage.batch_size < 1 or stage.grad_accum < 1:
-                raise ConfigError(f"stages[{i}]: resolution, batch_size and grad_accum must be positive")
-        if self.optimizer.name not in ("adamw", "muon"):
-            raise ConfigError(f"optimizer.name must be 'adamw' or 'muon', got {self.optimizer.name!r}")
-        if self.optimizer.muon_dtype not in ("auto", "bfloat16", "float32"):
-            raise ConfigError("optimizer.muon_dtype must be 'auto', 'bfloat16' or 'float32', "
-                              f"got {self.optimizer.muon_dtype!r}")
-        if self.optimizer.lr_rule not in ("fan_in", "plain"):
-            raise ConfigError(f"optimizer.lr_rule must be 'fan_in' or 'plain', got {self.optimizer.lr_rule!r}")
-        if self.train.time_shift_base < 0:
-            raise ConfigError(f"train.time_shift_base must be >= 0, got {self.train.time_shift_base}")
-        if self.train.time_std < 0:
-            raise ConfigError(f"train.time_std must be >= 0, got {self.train.time_std}")
-        if not 0 <= self.train.contrastive_weight < 1:
-            raise ConfigError("train.contrastive_weight must be in [0, 1), got "
-                              f"{self.train.contrastive_weight}")
-        if self.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ConfigError("train.mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', "
-                              f"got {self.train.mixed_precision!r}")
+        for key, instead in (("tread_rate", "each stage's tread_rate"),
+                             ("gradient_checkpointing", "train.gradient_checkpointing")):
+            if key in self.model.overrides:
+                raise ConfigError(f"model.overrides.{key} is not read in training: set {instead}")
+        if self.train.cache_text and self.text_encoder.options.padding != "max_length":
+            raise ConfigError("train.cache_text needs text_encoder.options.padding = \"max_length\"")
+        for stage in self.stages:
+            stage.inherit(self.optimizer, self.text_encoder.options.max_length)
 
 
 def _describe(kind) -> str:
@@ -197,6 +246,8 @@ def _from_dict(cls, values: dict, where: str = ""):
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys here: {', '.join(names)})")
     try:
         return cls(**{k: _build(hints[k], v, prefix + k) for k, v in values.items()})
+    except InvalidValue as err:
+        raise ConfigError(f"{prefix}{err}" if err.key else f"{where or 'config'} {err}") from err
     except TypeError as err:
         raise ConfigError(f"{where or 'config'}: {err}") from err
 
@@ -232,6 +283,9 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def config_from_dict(raw: dict) -> TrainConfig:
+    if "size" in raw.get("dataset", {}).get("options", {}):
+        raise ConfigError("dataset.options.size is not read in training: each stage's resolution is "
+                          "its crop size")
     return _from_dict(TrainConfig, raw)
 
 
@@ -253,7 +307,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain tables; a training config leaves out ``dataset.options.size``, which each
+    stage's resolution sets."""
+    tables = dataclasses.asdict(config)
+    if isinstance(config, TrainConfig):
+        del tables["dataset"]["options"]["size"]
+    return tables
 
 
 def to_toml(config) -> str:

@@ -210,7 +210,7 @@ class Trainer:
         stage = self.config.stages[0]
         side = stage.resolution // self.autoencoder.factor
         batch = stage.batch_size
-        length = stage.text_length or self.text_encoder.config.max_length
+        length = stage.text_length
         draw = torch.Generator(self.device).manual_seed(0)
         x = torch.randn(batch, self.autoencoder.channels, side, side, generator=draw, device=self.device)
         ctx = torch.randn(batch, length, self.text_encoder.dim, generator=draw, device=self.device)
@@ -236,8 +236,6 @@ class Trainer:
     def _caches(self) -> dict[str, DiskCache]:
         """The optional disk caches of text states and autoencoder moments (one folder per rank)."""
         train = self.config.train
-        if train.cache_text and self.config.text_encoder.options.padding != "max_length":
-            raise ConfigError("train.cache_text needs text_encoder.options.padding = \"max_length\"")
         wanted = {"text": train.cache_text, "latents": train.cache_latents}
         return {name: DiskCache(self.run_dir / "cache" / f"{name}-rank{self.rank}")
                 for name, on in wanted.items() if on}
@@ -264,9 +262,9 @@ class Trainer:
 
     def _optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
         opt = self.config.optimizer
-        decay = stage.weight_decay if stage.weight_decay >= 0 else opt.weight_decay
+        decay = stage.weight_decay
         groups = parameter_groups(self.unwrapped, decay, opt.lr_rule, opt.decay_norms_and_biases)
-        betas = tuple(stage.betas or opt.betas)
+        betas = tuple(stage.betas)
         if opt.name == "muon":
             optimizer = MuonAdamW(mark_muon_groups(self.unwrapped, groups), betas=betas, eps=opt.eps,
                                   ns_dtype=precision.DTYPES[self.precision["muon"]])
@@ -369,7 +367,7 @@ class Trainer:
         stage = self.config.stages[index]
         data = self.config.dataset
         text = self.config.text_encoder.options
-        self.text_encoder.config = dataclasses.replace(text, max_length=stage.text_length or text.max_length)
+        self.text_encoder.config = dataclasses.replace(text, max_length=stage.text_length)
         self.stream = BatchStream(data, stage.resolution, stage.batch_size, self.config.train.seed + index,
                                   pin_memory=self.device.type == "cuda")
         total = stage.steps or self.stage_length(stage, len(self.stream))
@@ -382,7 +380,7 @@ class Trainer:
                 self.accelerator.scaler.load_state_dict(self._resume_state["scaler"])
             self.stream.load_state_dict(self._resume_state["data"])
             self._resume_state = None
-        clip = stage.grad_clip if stage.grad_clip >= 0 else self.config.optimizer.grad_clip
+        clip = stage.grad_clip
         flops = train_step_flops(self.unwrapped.config, *self._latent_size(stage.resolution),
                                  self.text_encoder.config.max_length, stage.tread_rate)
         self.monitor.start_stage(index, stage, total, self.progress.stage_step, flops)

@@ -74,3 +74,16 @@ def test_shapes_needs_shapes_captions(setup, tmp_path, capsys):
         (tmp_path / part / "a.txt").write_text("a cat on a sofa")
     assert main(["eval", "shapes", str(setup / "run/model"), "--data", str(tmp_path), *FAST]) == 2
     assert "'a cat on a sofa' is not a shapes caption" in capsys.readouterr().err
+
+
+def test_the_command_takes_its_defaults_from_the_settings():
+    from homediff.app.cli import build_parser
+    from homediff.evaluation import EvalSettings
+    from homediff.evaluation.effnet import INPUT_SIZE
+
+    args = build_parser().parse_args(["eval", "model", "--data", "d"])
+    defaults = EvalSettings()
+    for name in ("per_caption", "seen", "heldout", "distractors", "steps", "cfg", "seed", "batch",
+                 "feature_size", "size"):
+        assert getattr(args, name) == getattr(defaults, name), name
+    assert defaults.feature_size == INPUT_SIZE

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from homediff.evaluation.settings import EvalSettings
+
+DEFAULTS = EvalSettings()
 USAGE = "homediff eval [shapes] MODEL_DIR --data DIR [options]"
 
 
@@ -25,20 +28,19 @@ def register(commands) -> None:
                     help="data folder with train/ and heldout/ (homediff data emoji|shapes)")
     ev.add_argument("--out", metavar="DIR", type=Path,
                     help="report folder (default: the folder holding MODEL_DIR)")
-    ev.add_argument("--per-caption", metavar="K", type=int, default=2, help="images per caption (2)")
-    ev.add_argument("--seen", metavar="N", type=int, default=50,
-                    help="seen captions drawn from train/ (50)")
-    ev.add_argument("--heldout", metavar="N", type=int, default=50,
-                    help="held-out captions, at most (50)")
-    ev.add_argument("--distractors", metavar="N", type=int, default=4,
-                    help="gallery captions added per held-out caption, nearest in words (4)")
-    ev.add_argument("--steps", metavar="S", type=int, default=16, help="sampling steps (16)")
-    ev.add_argument("--cfg", metavar="C", type=float, default=3.0, help="guidance scale (3)")
-    ev.add_argument("--seed", metavar="N", type=int, default=0, help="seed of captions and noise (0)")
+    options = [("per-caption", "K", "images per caption"),
+               ("seen", "N", "seen captions drawn from train/"),
+               ("heldout", "N", "held-out captions, at most"),
+               ("distractors", "N", "gallery captions added per held-out caption, nearest in words"),
+               ("steps", "S", "sampling steps"), ("cfg", "C", "guidance scale"),
+               ("seed", "N", "seed of captions and noise"),
+               ("batch", "N", "images per sampling call"),
+               ("feature-size", "PX", "EfficientNet input side (smaller is faster, not comparable)")]
+    for name, metavar, text in options:
+        default = getattr(DEFAULTS, name.replace("-", "_"))
+        ev.add_argument(f"--{name}", metavar=metavar, type=type(default), default=default,
+                        help=f"{text} ({default})")
     ev.add_argument("--size", metavar="PX", type=int, help="image side (default: the model's)")
-    ev.add_argument("--batch", metavar="N", type=int, default=32, help="images per sampling call (32)")
-    ev.add_argument("--feature-size", metavar="PX", type=int, default=224,
-                    help="EfficientNet input side (224; smaller is faster, not comparable)")
     ev.add_argument("--no-cache", action="store_true", help="recompute reference features")
     ev.add_argument("--device", help="cpu, cuda, … (default: cuda if available)")
     ev.set_defaults(run=run)
@@ -58,7 +60,7 @@ def _target(words: list[str]) -> tuple[str, Path]:
 def run(args) -> int:
     import torch
 
-    from homediff.evaluation import EvalSettings, evaluate_fidelity, evaluate_shapes, markdown
+    from homediff.evaluation import evaluate_fidelity, evaluate_shapes, markdown
     from homediff.pipeline import HomeDiffPipeline
 
     kind, model_dir = _target(args.target)

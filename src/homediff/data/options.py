@@ -1,0 +1,72 @@
+"""The data options a config names: how images and captions become training samples.
+
+Plain dataclasses that check their values, importing neither torch nor Pillow, so that reading a
+config stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from homediff.errors import ConfigError
+
+CROP_MODES = ("random", "center", "none")
+MISSING_CAPTION = ("empty", "skip")
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+@dataclass
+class CaptionConfig:
+    """How captions are processed; rates are probabilities in [0, 1]."""
+
+    keep_separator: str = "|||"
+    group_separator: str = "%%"
+    tag_separator: str = ","
+    joiner: str = ", "
+    shuffle_tags: bool = True
+    shuffle_groups: bool = True
+    tag_dropout: float = 0.0
+    group_dropout: float = 0.0
+    caption_dropout: float = 0.1
+
+    def __post_init__(self):
+        for name in ("tag_dropout", "group_dropout", "caption_dropout"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate <= 1.0:
+                raise ConfigError(f"captions.{name} must be a probability in [0, 1], got {rate}")
+        for name in ("keep_separator", "group_separator", "tag_separator"):
+            if not getattr(self, name):
+                raise ConfigError(f"captions.{name} must not be empty")
+
+
+@dataclass
+class DataConfig:
+    """How images and captions become training samples.
+
+    size: crop side in pixels. crop: "random" (shifted square crop), "center" or "none".
+    flip: probability of a horizontal flip. min_size: skip images whose short side is smaller
+    (0: upscale every small image). max_pixels: refuse larger images. missing_caption: "empty" (use
+    the empty caption) or "skip".
+    """
+
+    size: int = 256
+    crop: str = "random"
+    flip: float = 0.0
+    min_size: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    missing_caption: str = "empty"
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+
+    def __post_init__(self):
+        if isinstance(self.captions, dict):
+            self.captions = CaptionConfig(**self.captions)
+        if self.size < 1:
+            raise ConfigError(f"data.size must be a positive number of pixels, got {self.size}")
+        if self.crop not in CROP_MODES:
+            raise ConfigError(
+                f"data.crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
+        if not 0.0 <= self.flip <= 1.0:
+            raise ConfigError(f"data.flip must be a probability in [0, 1], got {self.flip}")
+        if self.missing_caption not in MISSING_CAPTION:
+            raise ConfigError(f"data.missing_caption must be 'empty' or 'skip', "
+                              f"got {self.missing_caption!r}")

@@ -1,0 +1,34 @@
+"""The evaluations' settings, importing neither torch nor Pillow (the CLI reads its defaults here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from homediff.errors import ConfigError
+
+
+@dataclass
+class EvalSettings:
+    """Options of both evaluations (``homediff.evaluation.common``); ``size`` None: the pipeline's."""
+
+    per_caption: int = 2
+    seen: int = 50
+    heldout: int = 50
+    distractors: int = 4
+    refs_per_caption: int = 1
+    steps: int = 16
+    cfg: float = 3.0
+    seed: int = 0
+    size: int | None = None
+    batch: int = 32
+    feature_size: int = 224  # EfficientNet-Lite0's input side (effnet.INPUT_SIZE)
+    cache: bool = True
+    progress: bool = False
+
+    def check(self) -> None:
+        for name in ("per_caption", "refs_per_caption", "steps", "batch", "feature_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got "
+                                  f"{getattr(self, name)}")
+        if self.seen < 0 or self.heldout < 0 or self.distractors < 0:
+            raise ConfigError("seen, heldout and distractors must be >= 0")
