@@ -313,10 +313,7 @@ def _convert(images: torch.Tensor, output_type: str):
     array = images.permute(0, 2, 3, 1).numpy()
     if output_type == "np":
         return array
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise ImportError("PIL output needs Pillow: pip install pillow "
-                          "(or use output_type='np')") from err
+    from PIL import Image
+
     pixels = (array * 255).round().astype("uint8")
     return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]

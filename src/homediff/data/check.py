@@ -8,11 +8,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from homediff.data.deps import require
 from homediff.data.folder import Entry, read_entry, scan_folder
 from homediff.data.problems import BadSample, Note
 from homediff.data.shards import _IMAGE_MEMBERS, shard_list
 from homediff.data.transform import DataConfig, load
+from homediff.extras import require
 
 
 @dataclass(frozen=True)

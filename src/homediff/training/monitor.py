@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from homediff.extras import require
 from homediff.figures import line_plot, smooth
 
 logger = logging.getLogger(__name__)
@@ -27,14 +28,11 @@ class Monitor:
             return
         for sub in ("logs", "samples", "checkpoints"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "logs"))
-        except ImportError:
-            logger.warning("TensorBoard is not installed (pip install tensorboard): no event logs")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "logs"))
         if wandb:
-            import wandb as wandb_module
-            self.wandb = wandb_module.init(project="homediff", dir=str(run_dir),
+            self.wandb = require("wandb", "wandb").init(project="homediff", dir=str(run_dir),
                                            config=dataclasses.asdict(config))
 
     def say(self, message: str) -> None:

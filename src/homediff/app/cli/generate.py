@@ -68,14 +68,9 @@ def _paths(out: Path, count: int) -> tuple[list[Path], Path | None]:
 
 def run_generate(args) -> int:
     import torch
+    from PIL.PngImagePlugin import PngInfo
 
-    from homediff.errors import HomediffError
     from homediff.figures import image_grid
-
-    try:
-        from PIL.PngImagePlugin import PngInfo
-    except ImportError as err:
-        raise HomediffError("writing PNGs needs Pillow: pip install pillow") from err
 
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     pipe = _pipeline(args)

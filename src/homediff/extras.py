@@ -1,4 +1,7 @@
-"""Optional dependencies of the data package, imported where used, with an install hint."""
+"""Optional dependencies (the extras in pyproject.toml), imported where used, with an install hint.
+
+The one guard for them: ``require("webdataset", "data")``. Core dependencies (torch, Pillow,
+transformers, tensorboard, …) are imported directly."""
 
 from __future__ import annotations
 
