@@ -1,4 +1,4 @@
-"""Prompt fidelity (``evaluate_fidelity``): The gallery holds the reference images (at most
+"""Prompt fidelity (``evaluate_fidelity``). The gallery holds the reference images (at most
 ``refs_per_caption`` per caption, first in file order) of the evaluation captions and of
 distractors: for each held-out caption the ``distractors`` train captions sharing most words with it
 (Jaccard on word sets; for emoji, the same emoji in other skin tones and others in the same tone),
@@ -7,6 +7,7 @@ so a held-out prompt scores only if the whole combination is right. All images a
 similarity to that caption's images; captions are ranked by score (ties favour the query's own) and
 top-k accuracy is the share of queries whose own caption ranks within the first k; its standard
 error counts each caption once (``topk_standard_error``).
+
 Queries: generated images give the accuracy; the evaluation captions' references after a round trip
 through the model's resolution (centre square resized with Pillow's antialiased bicubic as training
 data is; the feature network scales it up like a generated image) give the ceiling; chance is
