@@ -1,6 +1,7 @@
-"""Composition (``evaluate_shapes``): every generated image is read back by ``homediff.data.check``
-against its prompt; ceiling: the caption's first reference image after the round trip; chance:
-those references scored against another evaluation caption (a seeded derangement).
+"""Composition (``evaluate_shapes``): every generated image is read back against its prompt by
+``homediff.evaluation.shape_checker.check``; ceiling: the caption's first reference image after the
+round trip; chance: those references scored against another evaluation caption (a seeded
+derangement).
 """
 
 from __future__ import annotations
