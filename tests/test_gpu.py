@@ -15,6 +15,7 @@ from homediff.encoders.autoencoders import PixelAutoencoder
 from homediff.encoders.text import TextEncoder
 from homediff.models import XUT
 from homediff.pipeline import HomeDiffPipeline
+from homediff.training.components import Builders, build_optimizer
 from homediff.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,17 +32,15 @@ def _tensors_of(optimizer) -> list[torch.Tensor]:
 @needs_cuda
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("mixed", ["bf16", "fp16"])
-def test_training_steps_on_cuda_keep_every_tensor_there(tmp_path, monkeypatch, mixed, optimizer):
+def test_training_steps_on_cuda_keep_every_tensor_there(tmp_path, mixed, optimizer):
     if mixed == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
     config = tiny_config(square_folder(tmp_path / "sq"), text_encoder_folder(tmp_path / "te"),
                          train={"mixed_precision": mixed}, optimizer={"name": optimizer},
                          stages=[{"resolution": 8, "batch_size": 4, "steps": 4, "tread_rate": 0.5}])
     built = []
-    make = Trainer._optimizer
-    monkeypatch.setattr(Trainer, "_optimizer",
-                        lambda self, stage: built.append(make(self, stage)) or built[-1])
-    trainer = Trainer(config, tmp_path / "run")
+    trainer = Trainer(config, tmp_path / "run", builders=Builders(
+        optimizer=lambda *args: built.append(build_optimizer(*args)) or built[-1]))
     trainer.run()
     assert trainer.device.type == "cuda"
     assert trainer.progress.step == 4

@@ -17,7 +17,7 @@ import homediff
 PACKAGE = Path(homediff.__file__).parent
 LAYERS = [
     ["errors"],
-    ["precision", "geometry", "figures", "exports", "extras"],
+    ["precision", "geometry", "figures", "exports", "extras", "caching"],
     ["data", "models", "diffusion", "encoders"],
     ["pipeline"],
     ["training", "evaluation"],

@@ -9,6 +9,7 @@ from train_helpers import square_folder, text_encoder_folder, tiny_config
 
 from homediff import precision
 from homediff.precision import AutocastCheck, Choice, choose_dtype, decide
+from homediff.training.components import Builders, build_optimizer
 from homediff.training.loop import Trainer
 
 
@@ -102,12 +103,14 @@ def test_text_encoder_takes_an_explicit_dtype(assets, dtype):
 def test_trainer_records_its_choices_and_a_resume_reuses_them(assets, tmp_path, monkeypatch):
     config = tiny_config(*assets, optimizer={"name": "muon"},
                          stages=[{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 4}])
-    first = Trainer(config, tmp_path, max_steps=2)
+    built = []
+    first = Trainer(config, tmp_path, max_steps=2, builders=Builders(
+        optimizer=lambda *args: built.append(build_optimizer(*args)) or built[-1]))
     chosen = first.precision
     assert chosen["autocast"] in (None, "bfloat16") and chosen["muon"] in ("float32", "bfloat16")
-    assert first._optimizer(config.stages[0]).optimizer.ns_dtype == precision.DTYPES[chosen["muon"]]
     assert str(first.text_encoder.model.dtype) == f"torch.{chosen['text']}"
     first.run()
+    assert built[0].ns_dtype == precision.DTYPES[chosen["muon"]]
 
     monkeypatch.setattr(precision, "bf16_speedup", never)
     resumed = Trainer(config, tmp_path, resume="latest")  # the same machine: nothing re-timed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from homediff.training.components import Builders
 from homediff.training.config import TrainConfig, config_from_dict
 from homediff.training.loop import Trainer
+from homediff.training.monitor import Monitor
+from homediff.training.objective import training_loss
 
 EPS32 = torch.finfo(torch.float32).eps
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40),
@@ -71,45 +73,70 @@ def tiny_config(data: Path, text_dir: Path, **sections) -> TrainConfig:
     return config_from_dict(raw)
 
 
-@contextlib.contextmanager
-def draws_per_image(trainer: Trainer):
-    """Give each image its own random numbers, whatever batch it is in.
+class PerImageDraws:
+    """The training loss with each image's own random numbers, whatever batch it is in.
 
     The trainer draws flow times, noise and token routing for a whole batch from one generator, so
-    a batch of 4 and two micro-batches of 2 draw different numbers for the same images. Inside this
-    block every ``torch.rand``/``torch.randn`` call on the trainer's generator instead draws each
-    image's row from a generator seeded by (optimiser step, image file name, kind of draw): the
-    same numbers for the same image at the same step, in any batch layout or process.
+    a batch of 4 and two micro-batches of 2 draw different numbers for the same images. This loss
+    (handed to the trainer as ``Builders.loss``) instead draws, inside each call, every
+    ``torch.rand``/``torch.randn`` on the step's generator row by row from a generator seeded by
+    (optimiser step, image file name, kind of draw): the same numbers for the same image at the same
+    step, in any batch layout or process. ``callback`` tells it the step.
     """
-    current = {}
-    real_loss, real = trainer._loss, {"rand": torch.rand, "randn": torch.randn}
 
-    def loss(batch, stage):
-        current.update(step=trainer.progress.step, keys=list(batch["key"]))
-        return real_loss(batch, stage)
+    def __init__(self):
+        self.step = 0
 
-    def per_image(name):
-        def draw(*size, generator=None, **options):
-            if generator is None or generator is not trainer.generator:
-                return real[name](*size, generator=generator, **options)
-            shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
-            assert shape[0] == len(current["keys"]), (shape, current["keys"])
-            rows = []
-            for key in current["keys"]:  # a file's name: the same wherever the data folder is
-                tag = repr((current["step"], Path(key).name, name, shape[1:])).encode()
-                seed = int.from_bytes(hashlib.blake2b(tag, digest_size=8).digest(), "little") >> 1
-                own = torch.Generator(generator.device).manual_seed(seed)
-                rows.append(real[name](shape[1:], generator=own, **options))
-            return torch.stack(rows)
-        return draw
+    def callback(self, progress, batch) -> None:
+        self.step = progress.step
 
-    trainer._loss = loss
-    torch.rand, torch.randn = per_image("rand"), per_image("randn")
-    try:
-        yield
-    finally:
-        torch.rand, torch.randn = real["rand"], real["randn"]
-        del trainer._loss
+    def __call__(self, batch, parts, settings, generator) -> torch.Tensor:
+        keys = [Path(key).name for key in batch["key"]]  # the same wherever the data folder is
+        real = {"rand": torch.rand, "randn": torch.randn}
+
+        def per_image(name):
+            def draw(*size, generator=None, **options):
+                if generator is not step_generator:
+                    return real[name](*size, generator=generator, **options)
+                shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+                assert shape[0] == len(keys), (shape, keys)
+                rows = []
+                for key in keys:
+                    tag = repr((self.step, key, name, shape[1:])).encode()
+                    seed = int.from_bytes(hashlib.blake2b(tag, digest_size=8).digest(), "little") >> 1
+                    own = torch.Generator(generator.device).manual_seed(seed)
+                    rows.append(real[name](shape[1:], generator=own, **options))
+                return torch.stack(rows)
+            return draw
+
+        step_generator = generator
+        torch.rand, torch.randn = per_image("rand"), per_image("randn")
+        try:
+            return training_loss(batch, parts, settings, generator)
+        finally:
+            torch.rand, torch.randn = real["rand"], real["randn"]
+
+
+class RecordingMonitor(Monitor):
+    """The usual monitor, also keeping each step's gradient norm (before clipping) and learning
+    rate (the first parameter group's, without its per-tensor scale)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norms: list[float] = []
+        self.lrs: list[float] = []
+
+    def step(self, progress, loss, groups, grad_norm, images) -> None:
+        self.norms.append(float(grad_norm))
+        self.lrs.append(groups[0]["lr"] / groups[0]["lr_scale"])
+        super().step(progress, loss, groups, grad_norm, images)
+
+
+def recording(**builders) -> Builders:
+    """Builders whose monitor is a ``RecordingMonitor`` (and any others given)."""
+    monitor = lambda config, run_dir, enabled: RecordingMonitor(  # noqa: E731
+        run_dir, enabled=enabled, wandb=False, config=config)
+    return Builders(monitor=monitor, **builders)
 
 
 @dataclass
@@ -120,24 +147,27 @@ class Recording:
     trainer: Trainer
     initial: dict[str, torch.Tensor]
     images: dict[int, list[str]]
-    norms: list[float]
 
     @property
     def losses(self) -> list[float]:
         return [loss for _, loss in self.trainer.progress.losses]
 
+    @property
+    def norms(self) -> list[float]:
+        return self.trainer.monitor.norms
+
 
 def train_recording(config: TrainConfig, run_dir: Path) -> Recording:
-    trainer = Trainer(config, run_dir)
+    draws = PerImageDraws()
+    trainer = Trainer(config, run_dir, builders=recording(loss=draws))
     initial = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
     images: dict[int, list[str]] = {}
-    norms: list[float] = []
-    clip = trainer.accelerator.clip_grad_norm_
-    trainer.accelerator.clip_grad_norm_ = lambda *args: (norms.append(float(clip(*args))), norms[-1])[1]
-    with draws_per_image(trainer):
-        trainer.run(callback=lambda progress, batch: images.setdefault(progress.step, []).extend(
-            Path(key).name for key in batch["key"]))
-    return Recording(trainer, initial, images, norms)
+
+    def callback(progress, batch):
+        draws.callback(progress, batch)
+        images.setdefault(progress.step, []).extend(Path(key).name for key in batch["key"])
+    trainer.run(callback=callback)
+    return Recording(trainer, initial, images)
 
 
 def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -2,36 +2,9 @@ import pytest
 import torch
 from train_helpers import square_folder, text_encoder_folder, tiny_config
 
+from homediff.caching import TensorShards
 from homediff.errors import ConfigError
-from homediff.training.cache import DiskCache, cache_key, cached_rows
 from homediff.training.loop import Trainer
-
-
-def test_disk_cache_round_trip_and_reload(tmp_path):
-    cache = DiskCache(tmp_path, shard_size=3)
-    for i in range(7):
-        cache.put(cache_key("row", i), torch.full((2, 2), float(i)))
-    assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2  # 6 flushed, 1 pending
-    cache.flush()
-    again = DiskCache(tmp_path)
-    assert len(again) == 7
-    assert torch.equal(again.get(cache_key("row", 5)), torch.full((2, 2), 5.0, dtype=torch.float16))
-    assert again.get(cache_key("row", 9)) is None
-
-
-def test_cached_rows_computes_only_what_is_missing(tmp_path):
-    cache = DiskCache(tmp_path)
-    calls = []
-
-    def compute(indices):
-        calls.append(list(indices))
-        return [torch.tensor([float(i)]) for i in indices]
-
-    keys = ["a", "b", "c"]
-    cached_rows(cache, keys[:2], compute)
-    rows = cached_rows(cache, keys, compute)
-    assert calls == [[0, 1], [2]]
-    assert rows.flatten().tolist() == [0.0, 1.0, 2.0]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +21,8 @@ def test_training_with_caches_matches_training_without(assets, tmp_path, caplog)
         cached = Trainer(config, tmp_path / "cached")
         cached.run()
     assert "caching latents" in caplog.text and "KiB per entry" in caplog.text
-    text = DiskCache(tmp_path / "cached" / "cache" / "text-rank0")
-    latents = DiskCache(tmp_path / "cached" / "cache" / "latents-rank0")
+    text = TensorShards(tmp_path / "cached" / "cache" / "text-rank0")
+    latents = TensorShards(tmp_path / "cached" / "cache" / "latents-rank0")
     assert len(text) == 8 + 1  # eight captions and the empty one (caption dropout)
     assert len(latents) > 8  # one per image and crop window
     a = [loss for _, loss in plain.progress.losses]

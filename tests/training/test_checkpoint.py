@@ -1,11 +1,17 @@
 import os
+import pickle
+import random
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 import torch
 
-from homediff.training.checkpoint import (latest_checkpoint, list_checkpoints, load_tensors,
-                                          rng_state, save_tensors, set_rng_state, write_checkpoint)
+from homediff.errors import CheckpointError
+from homediff.training.checkpoint import (Checkpoint, latest_checkpoint, list_checkpoints, load_tensors,
+                                          load_tree, rng_state, save_tensors, save_tree, set_rng_state,
+                                          write_checkpoint)
 
 
 def writer(value):
@@ -45,3 +51,74 @@ def test_rng_round_trip():
     a = torch.rand(3)
     set_rng_state(state)
     assert torch.equal(torch.rand(3), a)
+
+
+def test_optimizer_and_random_states_round_trip_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW([{"params": [model.weight], "lr_scale": 0.5},
+                                   {"params": [model.bias], "lr_scale": 1.0}], betas=(0.9, 0.95))
+    model(torch.randn(4, 3)).square().sum().backward()
+    optimizer.step()
+    tree = {"optimizer": optimizer.state_dict(), "scaler": None, "rng": rng_state(),
+            "mixed": [1, 2.5, "x", True, (3, 4), {7: "int key"}, np.float32(0.25)]}
+    save_tree(tmp_path / "tree.safetensors", tree)
+    back = load_tree(tmp_path / "tree.safetensors")
+
+    again = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}])
+    again.load_state_dict(back["optimizer"])  # int parameter ids and tensors restored
+    for p in model.parameters():
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(again.state[p][key], value), key
+    assert again.param_groups[0]["lr_scale"] == 0.5 and tuple(again.param_groups[0]["betas"]) == (0.9, 0.95)
+    assert back["mixed"] == [1, 2.5, "x", True, (3, 4), {7: "int key"}, 0.25]
+    draws = (random.random(), np.random.rand(), torch.rand(2))
+    set_rng_state(back["rng"])  # python's tuple state, numpy's uint32 array, torch's bytes
+    again_draws = (random.random(), np.random.rand(), torch.rand(2))
+    assert draws[:2] == again_draws[:2] and torch.equal(draws[2], again_draws[2])
+
+
+def checkpoint_at(step: int) -> Checkpoint:
+    return Checkpoint(progress={"step": step, "stage": 0, "losses": [[1, 0.5]]},
+                      precision={"machine": "cpu", "autocast": None}, model={"w": torch.full((2,), 1.0)},
+                      model_config={"dim": 2}, config="[train]\nseed = 0\n",
+                      optimizer={"optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": []},
+                                 "scaler": None},
+                      ema={"decay": 0.999, "updates": 3, "shadow": {"w": torch.full((2,), 0.5)}},
+                      data={"world": 1, "positions": {"0": 5}},
+                      rng=[{"global": rng_state(), "generator": torch.Generator().get_state()}])
+
+
+def test_a_checkpoint_is_one_file_per_part_and_loads_back(tmp_path):
+    path = checkpoint_at(4).save(tmp_path)
+    assert sorted(os.listdir(path)) == ["config.toml", "data.json", "ema.safetensors", "model.safetensors",
+                                        "model_config.json", "optimizer.safetensors", "progress.json",
+                                        "rng.safetensors"]
+    back = Checkpoint.load(Checkpoint.find(tmp_path, "latest"))
+    assert back.progress == {"step": 4, "stage": 0, "losses": [[1, 0.5]]}
+    assert back.ema["decay"] == 0.999 and back.ema["updates"] == 3
+    assert torch.equal(back.ema["shadow"]["w"], torch.full((2,), 0.5))
+    assert torch.equal(back.optimizer["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
+    assert back.data == {"world": 1, "positions": {"0": 5}} and back.config == "[train]\nseed = 0\n"
+    assert torch.equal(back.rng[0]["generator"], torch.Generator().get_state())
+    assert Checkpoint.read_progress(path)["progress"]["step"] == 4
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch ran-code",))
+
+
+def test_a_pickled_checkpoint_is_refused_without_being_read(tmp_path, monkeypatch):
+    """A folder in the old format (``state.pt``), here a crafted one whose unpickling runs a shell
+    command: refused with a message, and the command never runs."""
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "checkpoints" / "step-00000002"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(CheckpointError, match="pickled format of earlier homediff versions"):
+        Checkpoint.load(Checkpoint.find(tmp_path / "checkpoints", "latest"))
+    assert not (tmp_path / "ran-code").exists()
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        Checkpoint.find(tmp_path, str(tmp_path))
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        Checkpoint.find(tmp_path / "nowhere", "latest")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from train_helpers import square_folder, text_encoder_folder, tiny_config
 
-from homediff.training.loop import Trainer
+from homediff.training.components import (build_autoencoder, build_ema, build_model, build_optimizer,
+                                          build_text_encoder)
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +24,21 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_model_ema_and_optimizer_state_share_the_training_device(assets, tmp_path, optimizer):
+def test_model_ema_and_optimizer_state_share_the_training_device(assets, optimizer):
     config = tiny_config(*assets, optimizer={"name": optimizer, "muon_dtype": "float32"})
-    trainer = Trainer(config, tmp_path)
-    trainer.device = torch.device("meta")  # built on the CPU, now trained "elsewhere"
-    model, ema = trainer._build_model(trainer.unwrapped.config)
-    trainer.model = model
-    optim = trainer._optimizer(config.stages[0])
+    cpu, elsewhere = torch.device("cpu"), torch.device("meta")  # encoders here, training "elsewhere"
+    text_encoder, autoencoder = build_text_encoder(config, cpu), build_autoencoder(config, cpu)
+    model = build_model(config, text_encoder, autoencoder, elsewhere)
+    ema = build_ema(config, model)
+    optim = build_optimizer(config, config.stages[0], model,
+                            torch.float32 if optimizer == "muon" else None, elsewhere)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     optim.step()
     ema.update(model)
 
     tensors = {"model": list(model.state_dict().values()), "ema": list(ema.shadow.values()),
-               "optimizer": optimizer_tensors(optim.optimizer)}
+               "optimizer": optimizer_tensors(optim)}
     assert tensors["optimizer"], "the step created optimiser state"
     for name, values in tensors.items():
         assert {t.device.type for t in values} == {"meta"}, name

@@ -6,14 +6,14 @@ import threading
 
 import pytest
 import torch
-from train_helpers import (EPS32, assert_trained_alike, flat, square_folder, text_encoder_folder,
-                           tiny_config, train_recording)
+from train_helpers import (EPS32, assert_trained_alike, flat, recording, square_folder,
+                           text_encoder_folder, tiny_config, train_recording)
 
-import homediff.training.loop as train_module
 from homediff.errors import ConfigError
 from homediff.pipeline import HomeDiffPipeline
 from homediff.training.checkpoint import latest_checkpoint, list_checkpoints, load_tensors
-from homediff.training.loop import Trainer
+from homediff.training.components import build_model, build_optimizer
+from homediff.training.loop import Trainer, TrainingStopped
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +64,12 @@ def test_stop_and_resume_equals_the_uninterrupted_run(assets, tmp_path, optimize
     stages = [{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 6, "tread_rate": 0.5},
               {"resolution": 16, "batch_size": 2, "lr": 0.2, "steps": 5, "tread_rate": 0.25}]
     config = tiny_config(*assets, stages=stages, optimizer=optimizer)
-    whole = Trainer(config, tmp_path / "whole")
-    if optimizer["name"] == "muon":
-        built = whole._optimizer(config.stages[0]).optimizer
-        assert built.ns_dtype == getattr(torch, optimizer["muon_dtype"])
+    built = []
+    whole = Trainer(config, tmp_path / "whole", builders=recording(
+        optimizer=lambda *args: built.append(build_optimizer(*args)) or built[-1]))
     whole.run()
+    if optimizer["name"] == "muon":
+        assert built[0].ns_dtype == getattr(torch, optimizer["muon_dtype"])
 
     first = Trainer(config, tmp_path / "split", max_steps=8)  # stops inside the second stage
     assert first.run() is None
@@ -83,20 +84,20 @@ def test_stop_and_resume_equals_the_uninterrupted_run(assets, tmp_path, optimize
     assert all(torch.equal(final[k], again[k]) for k in final)
 
 
-def test_stage_transition_changes_resolution_batch_and_lr(assets, tmp_path, monkeypatch):
+def test_stage_transition_changes_resolution_batch_and_lr(assets, tmp_path):
     stages = [{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 3, "grad_accum": 2},
               {"resolution": 16, "batch_size": 2, "lr": 0.1, "steps": 2}]
-    config = tiny_config(*assets, stages=stages, optimizer={"warmup_steps": 0})
-    seen, lrs = [], []
-    real_set_lr = train_module.set_lr
-    monkeypatch.setattr(train_module, "set_lr",
-                        lambda opt, base, mult: (lrs.append(base), real_set_lr(opt, base, mult)))
-    trainer = Trainer(config, tmp_path)
+    config = tiny_config(*assets, stages=stages, optimizer={"warmup_steps": 0, "min_lr_ratio": 0.1})
+    seen = []
+    trainer = Trainer(config, tmp_path, builders=recording())
     out = trainer.run(callback=lambda progress, batch: seen.append(
         (progress.step, tuple(batch["image"].shape))))
     assert seen == [(0, (4, 3, 8, 8))] * 2 + [(1, (4, 3, 8, 8))] * 2 + [(2, (4, 3, 8, 8))] * 2 + \
         [(3, (2, 3, 16, 16)), (4, (2, 3, 16, 16))]
-    assert lrs == [0.5, 0.5, 0.5, 0.1, 0.1]
+    # each stage's cosine from its own base LR: 1, then ½(1 + cos(π·k/n)) down to 0.1 at its end
+    cosine = lambda k, n: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / n))  # noqa: E731
+    expected = [0.5 * cosine(k, 3) for k in range(3)] + [0.1 * cosine(k, 2) for k in range(2)]
+    assert trainer.monitor.lrs == pytest.approx(expected, rel=4 * EPS32)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003",
                                                                           "step-00000005"]
     pipe = HomeDiffPipeline.from_pretrained(out)
@@ -106,17 +107,13 @@ def test_stage_transition_changes_resolution_batch_and_lr(assets, tmp_path, monk
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "model.safetensors").is_file()
 
 
-def test_a_time_budget_refits_the_stage_length_and_its_lr_schedule(assets, tmp_path, monkeypatch):
+def test_a_time_budget_refits_the_stage_length_and_its_lr_schedule(assets, tmp_path):
     config = tiny_config(*assets, stages=[{"resolution": 8, "batch_size": 4, "lr": 0.5,
                                            "steps": 1000}], optimizer={"warmup_steps": 0})
-    trainer = Trainer(config, tmp_path, time_budget=30.0)
-    clock = type("Clock", (), {"perf_counter": lambda: 2.0 * trainer.progress.step})  # 2 s a step
-    monkeypatch.setattr(train_module, "time", clock)
-    multipliers = []
-    real_multiplier = train_module.lr_multiplier
-    monkeypatch.setattr(train_module, "lr_multiplier", lambda step, total, warmup, low: (
-        multipliers.append(real_multiplier(step, total, warmup, low)), multipliers[-1])[1])
+    trainer = Trainer(config, tmp_path, time_budget=30.0, builders=recording(),
+                      clock=lambda: 2.0 * trainer.progress.step)  # 2 s a step
     trainer.run()
+    multipliers = [lr / 0.5 for lr in trainer.monitor.lrs]
     assert trainer.progress.step == 15  # refitted at step 10: 30 s at 2 s a step
     assert multipliers[10] < 0.5 < 0.99 < multipliers[9]  # the cosine jumps ahead to 10 of 15 steps
     with pytest.raises(ConfigError, match="one stage"):
@@ -125,28 +122,29 @@ def test_a_time_budget_refits_the_stage_length_and_its_lr_schedule(assets, tmp_p
 
 
 @pytest.mark.parametrize("base", [0, 4])
-def test_training_times_follow_the_configured_logit_normal(assets, tmp_path, monkeypatch, base):
+def test_training_times_follow_the_configured_logit_normal(assets, tmp_path, base):
     """t = sigmoid(mean + std·u), then the shift s = √(8·8)/base: s·t / (1 + (s − 1)·t) adds ln s to
     the logit, so the logits' mean moves by ln 2 for base 4 and their spread stays."""
     config = tiny_config(*assets, train={"time_mean": -1.0, "time_std": 0.5, "sample_prompts": [],
                                          "time_shift_base": base},
                          stages=[{"resolution": 8, "batch_size": 8, "steps": 3}])
     times = []
-    real_add_noise = train_module.flow.add_noise
-    monkeypatch.setattr(train_module.flow, "add_noise",
-                        lambda x0, noise, t: (times.append(t), real_add_noise(x0, noise, t))[1])
-    Trainer(config, tmp_path).run()
+
+    def model_seeing_times(*args):
+        model = build_model(*args)
+        model.register_forward_pre_hook(lambda module, inputs: times.append(inputs[1].detach()))
+        return model
+    Trainer(config, tmp_path, builders=recording(model=model_seeing_times)).run()
     logits = torch.logit(torch.cat(times))
     moved = math.log(8 / base) if base else 0.0
     assert len(logits) == 24 and -1.4 < logits.mean() - moved < -0.6 and 0.25 < logits.std() < 0.8
 
 
-def test_non_finite_losses_skip_steps_then_stop(assets, tmp_path, monkeypatch):
+def test_non_finite_losses_skip_steps_then_stop(assets, tmp_path):
     config = tiny_config(*assets, train={"max_bad_steps": 3, "sample_prompts": []})
-    trainer = Trainer(config, tmp_path)
-    monkeypatch.setattr(trainer, "_loss", lambda batch, stage: torch.tensor(float("nan"),
-                                                                             requires_grad=True))
-    with pytest.raises(train_module.TrainingStopped, match="3 non-finite losses in a row"):
+    trainer = Trainer(config, tmp_path, builders=recording(
+        loss=lambda batch, parts, settings, generator: torch.tensor(float("nan"), requires_grad=True)))
+    with pytest.raises(TrainingStopped, match="3 non-finite losses in a row"):
         trainer.run()
     assert trainer.progress.step == 0
 

@@ -30,7 +30,7 @@ from homediff.errors import ConfigError, HomediffError
 from homediff.evaluation import EvalSettings, evaluate_fidelity, read_split
 from homediff.figures import labelled_grid
 from homediff.pipeline import HomeDiffPipeline
-from homediff.training.checkpoint import list_checkpoints
+from homediff.training.checkpoint import Checkpoint, list_checkpoints
 from homediff.training.config import TrainConfig, load_config, to_toml
 from homediff.training.loop import Trainer
 
@@ -95,7 +95,7 @@ def train_for(config: TrainConfig, out: Path, minutes: float, processes: int = 1
     written = [p for p in list_checkpoints(out / "checkpoints") if p.stat().st_mtime >= started]
     if not written:
         raise HomediffError(f"{out / 'checkpoints'}: the training processes wrote no checkpoint")
-    return int(torch.load(written[-1] / "state.pt", weights_only=False)["progress"]["step"])
+    return Checkpoint.read_progress(written[-1])["progress"]["step"]
 
 
 def sample_sheets(pipe: HomeDiffPipeline, data: Path, out: Path, seeds: int = 4, rows: int = 6,

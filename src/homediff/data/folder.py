@@ -8,8 +8,6 @@ absolute path, and rebuilt when any folder's modification time changes (a file a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from homediff.caching import cache_key, json_file_cache, user_cache_dir
 from homediff.data.problems import BadSample, ProblemLog
 from homediff.data.transform import DataConfig, make_sample, sample_seed
 from homediff.errors import HomediffError
@@ -27,7 +26,7 @@ from homediff.errors import HomediffError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CACHE_VERSION = 1
+INDEX_VERSION = 1
 _REPEAT = re.compile(r"^(\d+)_.")
 
 
@@ -76,54 +75,35 @@ def _walk(root: Path) -> tuple[list[Entry], dict[str, int]]:
     return entries, mtimes
 
 
-def _cache_valid(root: Path, mtimes: dict[str, int]) -> bool:
+def _index_valid(root: Path, mtimes: dict[str, int]) -> bool:
     try:
         return all((root / rel).stat().st_mtime_ns == t for rel, t in mtimes.items())
     except OSError:
         return False
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "homediff" / "index"
-
-
 def scan_folder(root: str | Path, cache: bool | str | Path = True) -> list[Entry]:
     """Every image under ``root`` with its caption file and repeat count, sorted by path.
 
-    ``cache``: True (the default cache folder), a folder to keep index files in, or False.
+    ``cache``: True (``user_cache_dir("index")``), a folder to keep index files in, or False.
     """
     root = Path(root).resolve()
     if not root.is_dir():
         raise HomediffError(f"{root}: not a folder; give the folder that holds the images")
     if not cache:
         return _walk(root)[0]
-    folder = default_cache_dir() if cache is True else Path(cache)
-    cache_path = folder / (hashlib.sha1(str(root).encode()).hexdigest()[:20] + ".json")
-    if cache_path.is_file():
-        try:
-            stored = json.loads(cache_path.read_text())
-            if (stored["version"] == CACHE_VERSION and stored["root"] == str(root)
-                    and _cache_valid(root, stored["mtimes"])):
-                return [Entry(*item) for item in stored["entries"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            logger.info("%s: index cache unreadable, rebuilding it", cache_path)
-    entries, mtimes = _walk(root)
-    _write_cache(cache_path, root, entries, mtimes)
-    return entries
-
-
-def _write_cache(path: Path, root: Path, entries: list[Entry], mtimes: dict[str, int]) -> None:
-    data = {"version": CACHE_VERSION, "root": str(root), "mtimes": mtimes,
-            "entries": [[e.image, e.caption, e.repeats] for e in entries]}
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    index = json_file_cache(user_cache_dir("index") if cache is True else cache)
+    key = cache_key("folder index", INDEX_VERSION, str(root))
+    stored = index.get(key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(data, separators=(",", ":")))
-        os.replace(temporary, path)
-    except OSError as err:  # no writable cache folder: works, without the cache
-        logger.info("%s: cannot write the index cache (%s)", path, err)
-        temporary.unlink(missing_ok=True)
+        if stored and stored["root"] == str(root) and _index_valid(root, stored["mtimes"]):
+            return [Entry(*item) for item in stored["entries"]]
+    except (KeyError, TypeError, ValueError):
+        logger.info("folder index of %s: unreadable cache entry, scanning again", root)
+    entries, mtimes = _walk(root)
+    index.put(key, {"root": str(root), "mtimes": mtimes,
+                    "entries": [[e.image, e.caption, e.repeats] for e in entries]})
+    return entries
 
 
 def read_entry(root: Path, entry: Entry) -> tuple[bytes, bytes | None]:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from homediff.caching import MemoryCache, cache_key
 from homediff.encoders.options import DEFAULT_TEXT_ENCODER, TextEncoderConfig
 from homediff.errors import CheckpointError, ConfigError
 from homediff.extras import require
@@ -72,7 +72,7 @@ class TextEncoder:
                               f"{source or 'the model'} has {layers} layers (use -1 for the last)")
         self.model = model.eval().requires_grad_(False)
         self._apply_dtype()
-        self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._cache = MemoryCache(self.config.cache_size)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_TEXT_ENCODER, **options) -> "TextEncoder":
@@ -162,15 +162,14 @@ class TextEncoder:
         return self._cached(texts, length)
 
     def _cached(self, texts: list[str], length: int) -> torch.Tensor:
-        found = {t: self._cache[(t, length)] for t in texts if (t, length) in self._cache}
-        missing = list(dict.fromkeys(t for t in texts if t not in found))
+        self._cache.capacity = self.config.cache_size  # the config may have been replaced
+        keys = {text: cache_key(text, length) for text in texts}
+        found = {text: self._cache.get(key) for text, key in keys.items()}
+        missing = [text for text, states in found.items() if states is None]
         if missing:
             found.update(zip(missing, self._forward(missing, length), strict=True))
-        for text in dict.fromkeys(texts):
-            self._cache[(text, length)] = found[text]
-            self._cache.move_to_end((text, length))
-        while len(self._cache) > self.config.cache_size:
-            self._cache.popitem(last=False)
+            for text in missing:
+                self._cache.put(keys[text], found[text])
         return torch.stack([found[t] for t in texts])
 
     @torch.no_grad()

@@ -18,8 +18,6 @@ ceiling). It depends on the sample sizes: compare runs only at equal settings, n
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from homediff.data.folder import default_cache_dir
+from homediff.caching import MemoryCache, cache_key, tensor_file_cache, user_cache_dir
 from homediff.evaluation import effnet
 from homediff.evaluation.common import EvalSettings, generate, load_image, select
 from homediff.evaluation.metrics import (TOPK, caption_ranks, frechet_distance, topk_accuracy,
@@ -59,20 +57,15 @@ def embed(images: list[torch.Tensor], settings: EvalSettings, model=None,
 
 def reference_features(paths: list[Path], size: int | None, settings: EvalSettings, model=None):
     """Features of reference images (round-tripped through ``size`` if given), cached on disk
-    under the user cache folder, keyed by paths, modification times, sizes and settings."""
+    under ``user_cache_dir("features")``, keyed by paths, modification times, sizes and settings."""
     stats = [(str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths]
-    key = hashlib.sha1(json.dumps([stats, size, settings.feature_size, 1]).encode()).hexdigest()
-    file = default_cache_dir().parent / "features" / f"{key[:24]}.pt"
-    if settings.cache and file.is_file():
-        return torch.load(file, weights_only=True)
-    found = embed([load_image(p, size) for p in paths], settings, model,
-                  "references" if size is None else "round-tripped references")
-    if settings.cache:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(found, file)
-        except OSError as err:
-            logger.info("%s: cannot cache features (%s)", file, err)
+    cache = tensor_file_cache(user_cache_dir("features")) if settings.cache else MemoryCache(0)
+    key = cache_key("reference features", stats, size, settings.feature_size)
+    found = cache.get(key)
+    if found is None:
+        found = embed([load_image(p, size) for p in paths], settings, model,
+                      "references" if size is None else "round-tripped references")
+        cache.put(key, found)
     return found
 
 

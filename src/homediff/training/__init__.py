@@ -1,1 +1,2 @@
-"""Training: config, optimisers, checkpoints, caches, the batch stream, the monitor, the loop."""
+"""Training: config, optimisers, checkpoints, the batch stream, the loss, the builders of each part,
+precision choices, sharding, the monitor and the loop."""

@@ -1,21 +1,36 @@
-"""Checkpoint files: safetensors I/O, atomic checkpoint folders, keeping the last K, RNG states.
+"""Training checkpoints: the ``Checkpoint`` type, which owns the on-disk format, and its files.
 
-A training checkpoint is a folder ``checkpoints/step-XXXXXXXX`` written as ``….partial`` and renamed
-when every file in it has been flushed to disk, so a run killed mid-write leaves the previous
-checkpoints intact and never a half-written one that looks complete.
+A checkpoint is a folder ``checkpoints/step-XXXXXXXX`` with one file per part::
+
+    model.safetensors       the backbone's weights (whole, also when FSDP trains it in shards)
+    model_config.json       the backbone's config
+    ema.safetensors         the EMA weights; its decay and update count in the file's metadata
+    optimizer.safetensors   the optimiser's state and the fp16 loss scaler's
+    data.json               the data stream's position (shards; folders resume from the progress)
+    rng.safetensors         every process's random states
+    progress.json           steps, stage, epoch, batch, loss history, the precision choices
+    config.toml             the training config
+
+Nothing is pickled: tensors are safetensors, everything else JSON, so reading a checkpoint from
+elsewhere never runs code. A folder is written as ``….partial`` and renamed once every file in it is
+flushed to disk, so a run killed mid-write leaves the previous checkpoints intact and never a
+half-written one that looks complete.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from homediff.errors import CheckpointError
@@ -96,3 +111,148 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_tree(path: str | Path, tree) -> None:
+    """A nested structure of dicts, lists, tuples, numbers, strings, None, tensors and numpy arrays
+    (an optimiser's or a random generator's state) as one safetensors file: the tensors as its
+    tensors, the structure as JSON in its metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value):
+        if isinstance(value, torch.Tensor):
+            tensors[name := str(len(tensors))] = value
+            return {"tensor": name}
+        if isinstance(value, np.ndarray):  # as int64/float64: safetensors lacks some numpy dtypes
+            wide = value.astype(np.float64 if value.dtype.kind == "f" else np.int64)
+            tensors[name := str(len(tensors))] = torch.from_numpy(wide)
+            return {"ndarray": name, "dtype": value.dtype.str}
+        if isinstance(value, np.generic):
+            return {"value": value.item()}
+        if isinstance(value, dict):
+            if all(isinstance(k, str) for k in value):
+                return {"dict": {k: encode(v) for k, v in value.items()}}
+            return {"items": [[encode(k), encode(v)] for k, v in value.items()]}
+        if isinstance(value, (list, tuple)):
+            return {type(value).__name__: [encode(v) for v in value]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return {"value": value}
+        raise CheckpointError(f"{path}: cannot store a {type(value).__name__} in a checkpoint")
+
+    structure = json.dumps(encode(tree))
+    save_tensors(path, tensors, {"structure": structure})
+
+
+def load_tree(path: str | Path):
+    """What ``save_tree`` wrote."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            structure = json.loads((file.metadata() or {})["structure"])
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot read ({err})") from err
+    tensors = load_tensors(path)
+
+    def decode(node: dict):
+        if "ndarray" in node:
+            return tensors[node["ndarray"]].numpy().astype(np.dtype(node["dtype"]))
+        (kind, value), = node.items()
+        if kind == "tensor":
+            return tensors[value]
+        if kind == "dict":
+            return {k: decode(v) for k, v in value.items()}
+        if kind == "items":
+            return {decode(k): decode(v) for k, v in value}
+        if kind in ("list", "tuple"):
+            items = [decode(v) for v in value]
+            return tuple(items) if kind == "tuple" else items
+        return value
+
+    return decode(structure)
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to continue exactly where it stopped (see the module's docstring
+    for the files). ``rng`` holds each process's random states, in rank order."""
+
+    progress: dict
+    precision: dict
+    model: dict[str, torch.Tensor]
+    model_config: dict
+    config: str  # the training config as TOML
+    optimizer: dict
+    ema: dict | None = None  # EMA.state_dict()
+    data: dict | None = None
+    rng: list[dict] | None = None
+
+    def save(self, root: str | Path, keep: int = 0) -> Path:
+        """Write ``root/step-XXXXXXXX`` atomically, keeping the newest ``keep`` (0: all)."""
+        def write_json(value):
+            return lambda p: p.write_text(json.dumps(value, indent=1), encoding="utf-8")
+
+        writers = {
+            "model.safetensors": lambda p: save_tensors(p, self.model),
+            "model_config.json": write_json(self.model_config),
+            "optimizer.safetensors": lambda p: save_tree(p, self.optimizer),
+            "data.json": write_json(self.data),
+            "rng.safetensors": lambda p: save_tree(p, self.rng or []),
+            "progress.json": write_json({"progress": self.progress, "precision": self.precision}),
+            "config.toml": lambda p: p.write_text(self.config, encoding="utf-8"),
+        }
+        if self.ema is not None:
+            meta = {"decay": str(self.ema["decay"]), "updates": str(self.ema["updates"])}
+            writers["ema.safetensors"] = lambda p: save_tensors(p, self.ema["shadow"], meta)
+        return write_checkpoint(root, self.progress["step"], writers, keep)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Checkpoint":
+        path = Path(path)
+        saved = cls.read_progress(path)
+        ema = None
+        if (path / "ema.safetensors").is_file():
+            with safe_open(str(path / "ema.safetensors"), framework="pt") as file:
+                meta = file.metadata() or {}
+            ema = {"decay": float(meta["decay"]), "updates": int(meta["updates"]),
+                   "shadow": load_tensors(path / "ema.safetensors")}
+        return cls(progress=saved["progress"], precision=saved["precision"],
+                   model=load_tensors(path / "model.safetensors"),
+                   model_config=_read_json(path / "model_config.json"),
+                   config=_read_text(path / "config.toml"),
+                   optimizer=load_tree(path / "optimizer.safetensors"), ema=ema,
+                   data=_read_json(path / "data.json"), rng=load_tree(path / "rng.safetensors"))
+
+    @staticmethod
+    def read_progress(path: str | Path) -> dict:
+        """``{"progress": …, "precision": …}`` of a checkpoint folder, without its tensors."""
+        path = Path(path)
+        if not (path / "progress.json").is_file():
+            if (path / "state.pt").is_file():
+                raise CheckpointError(f"{path}: a checkpoint in the pickled format of earlier "
+                                      "homediff versions, which is not read (loading a pickle can "
+                                      "run code): start a new run, or resume it with the version "
+                                      "that wrote it")
+            raise CheckpointError(f"{path}: not a checkpoint folder (no progress.json)")
+        return _read_json(path / "progress.json")
+
+    @staticmethod
+    def find(root: str | Path, which: str) -> Path:
+        """The checkpoint folder ``which`` names: ``"latest"`` under ``root``, or a path."""
+        path = latest_checkpoint(root) if which == "latest" else Path(which)
+        if path is None:
+            raise CheckpointError(f"--resume latest: no checkpoint in {root}")
+        Checkpoint.read_progress(path)  # a clear error for anything that is not one
+        return path
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read ({err})") from err
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read ({err})") from err

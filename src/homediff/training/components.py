@@ -1,0 +1,98 @@
+"""What a training run is made of, and the functions that build each part from the config.
+
+The trainer does not build its parts: it calls the builders it is given (``Builders``, by default
+the functions below). A test hands in a model that records its inputs or a monitor that records
+every step; a fine-tuning run hands in a model initialised from saved weights. Each builder takes
+the config and what it depends on and returns the part on the training device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from homediff.encoders.autoencoders import load_autoencoder
+from homediff.encoders.text import TextEncoder
+from homediff.models import XUT, XUTConfig
+from homediff.training.batches import BatchStream
+from homediff.training.config import StageConfig, TrainConfig
+from homediff.training.monitor import Monitor
+from homediff.training.objective import training_loss
+from homediff.training.optim import EMA, MuonAdamW, mark_muon_groups, parameter_groups
+
+
+@dataclass
+class Components:
+    """What the loss reads: the backbone as trained (wrapped for data parallelism or compiled),
+    the frozen encoders, and the disk caches of their outputs (``"text"``, ``"latents"``)."""
+
+    model: nn.Module
+    text_encoder: TextEncoder
+    autoencoder: nn.Module
+    caches: dict = field(default_factory=dict)
+
+
+def build_text_encoder(config: TrainConfig, device: torch.device) -> TextEncoder:
+    options = dataclasses.asdict(config.text_encoder.options)
+    return TextEncoder.from_pretrained(config.text_encoder.name, **options).to(device)
+
+
+def build_autoencoder(config: TrainConfig, device: torch.device) -> nn.Module:
+    section = config.autoencoder
+    options = {"factor": section.factor} if section.name == "pixel" else {}
+    return load_autoencoder(section.name, **options).to(device)
+
+
+def build_model(config: TrainConfig, text_encoder: TextEncoder, autoencoder: nn.Module,
+                device: torch.device) -> XUT:
+    """A freshly initialised backbone of the configured preset, sized to the encoders."""
+    model_config = XUTConfig.preset(config.model.preset, **{
+        "in_channels": autoencoder.channels, "ctx_dim": text_encoder.dim,
+        "gradient_checkpointing": config.train.gradient_checkpointing, **config.model.overrides})
+    return XUT(model_config).to(device)
+
+
+def build_ema(config: TrainConfig, model: nn.Module) -> EMA | None:
+    """The EMA of ``model``'s weights, beside them (build it after the model has moved)."""
+    return EMA(model, config.ema.decay) if config.ema.enabled else None
+
+
+def build_optimizer(config: TrainConfig, stage: StageConfig, model: nn.Module,
+                    muon_dtype: torch.dtype | None, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, or Muon for the hidden matrices with AdamW for the rest (Newton-Schulz in
+    ``muon_dtype``), over ``model``'s trainable parameters with the stage's decay and betas."""
+    opt = config.optimizer
+    groups = parameter_groups(model, stage.weight_decay, opt.lr_rule, opt.decay_norms_and_biases)
+    betas = tuple(stage.betas)
+    if opt.name == "muon":
+        return MuonAdamW(mark_muon_groups(model, groups), betas=betas, eps=opt.eps, ns_dtype=muon_dtype)
+    # one fused kernel for all tensors on a GPU
+    return torch.optim.AdamW(groups, betas=betas, eps=opt.eps, fused=device.type == "cuda")
+
+
+def build_stream(config: TrainConfig, index: int, device: torch.device) -> BatchStream:
+    """Stage ``index``'s batches (page-locked for a GPU, so that copies do not block)."""
+    stage = config.stages[index]
+    return BatchStream(config.dataset, stage.resolution, stage.batch_size, config.train.seed + index,
+                       pin_memory=device.type == "cuda")
+
+
+def build_monitor(config: TrainConfig, run_dir: Path, enabled: bool) -> Monitor:
+    return Monitor(run_dir, enabled=enabled, wandb=config.train.wandb, config=config)
+
+
+@dataclass(frozen=True)
+class Builders:
+    text_encoder: Callable[[TrainConfig, torch.device], TextEncoder] = build_text_encoder
+    autoencoder: Callable[[TrainConfig, torch.device], nn.Module] = build_autoencoder
+    model: Callable[[TrainConfig, TextEncoder, nn.Module, torch.device], nn.Module] = build_model
+    ema: Callable[[TrainConfig, nn.Module], EMA | None] = build_ema
+    optimizer: Callable[..., torch.optim.Optimizer] = build_optimizer
+    stream: Callable[[TrainConfig, int, torch.device], BatchStream] = build_stream
+    monitor: Callable[[TrainConfig, Path, bool], Monitor] = build_monitor
+    loss: Callable[..., torch.Tensor] = training_loss

@@ -1,0 +1,104 @@
+"""The dtypes a training run computes in, chosen once when it starts.
+
+``train.mixed_precision = "auto"`` is bf16 (else fp16 with loss scaling) on GPUs; on a CPU it is
+decided by measuring a training step with and without bfloat16 autocast (a CPU without bfloat16
+kernels runs it many times slower). Muon's Newton-Schulz dtype and the text encoder's dtype are
+chosen the same way when set to ``"auto"``. A resumed run on the same machine reuses its
+checkpoint's choices, so that it continues with the same numerics.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable
+
+import torch
+
+from homediff import precision
+from homediff.encoders.text import TextEncoder
+from homediff.training.config import TrainConfig
+from homediff.training.objective import LossSettings, flow_matching_loss
+from homediff.training.optim import is_hidden_matrix, orthogonalize
+
+logger = logging.getLogger(__name__)
+
+
+def accelerator_precision(config: TrainConfig) -> str:
+    """accelerate's mixed precision: as configured; ``"auto"`` is bf16 (else fp16) on GPUs and
+    ``"no"`` on a CPU, where autocast is decided by measurement (``choose_precisions``)."""
+    wanted = config.train.mixed_precision
+    if wanted != "auto":
+        return wanted
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def choose_precisions(config: TrainConfig, model: torch.nn.Module, text_encoder: TextEncoder,
+                      latent_channels: int, latent_factor: int, device: torch.device,
+                      saved: dict | None, agree: Callable[[float], float] = float) -> dict:
+    """``{"machine", "autocast", "muon", "text"}``: the machine they were chosen on, the dtype
+    names of CPU autocast (None: off), Muon's iteration and the text encoder. ``agree`` averages a
+    measurement over processes so that every process chooses alike."""
+    machine = precision.machine_key(device)
+    reuse = saved if saved and saved.get("machine") == machine else {}
+    autocast = {"no": None, "bf16": "bfloat16", "fp16": "float16"}.get(accelerator_precision(config))
+    if config.train.mixed_precision == "auto" and device.type == "cpu":
+        if "autocast" in reuse:  # None (float32) is a choice too
+            autocast = reuse["autocast"]
+        else:
+            probe = _probe_model(model, device)
+            check = precision.check_autocast(
+                probe, _probe_loss(probe, config, text_encoder.dim, latent_channels, latent_factor,
+                                   device), device)
+            faster = agree(check.speedup) >= precision.MIN_AUTOCAST_SPEEDUP
+            close = agree(float(check.close)) == 1.0
+            autocast = "bfloat16" if faster and close else None
+            logger.info("CPU mixed precision: %s (bf16 autocast measured %.2f× float32's step speed; "
+                        "loss differs by %.2g, gradient cosine %.4f)", autocast or "float32",
+                        check.speedup, check.loss_error, check.grad_cosine)
+    muon = None
+    if config.optimizer.name == "muon":
+        setting = config.optimizer.muon_dtype
+        muon = reuse.get("muon") if setting == "auto" else None
+        muon = muon or precision.choose_dtype(setting, device, _newton_schulz_probe(model, device),
+                                              "Muon's Newton-Schulz iteration", agree=agree).name
+    text = str(text_encoder.model.dtype).removeprefix("torch.")
+    if config.text_encoder.options.dtype == "auto" and "text" in reuse:
+        text = reuse["text"]
+        text_encoder.to(dtype=precision.DTYPES[text])
+    return {"machine": machine, "autocast": autocast, "muon": muon, "text": text}
+
+
+def _probe_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A copy of ``model`` whose zero-initialised layers are made random: a fresh model's zero
+    output layer would hide every difference between two precisions."""
+    probe = copy.deepcopy(model)
+    draw = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for p in probe.parameters():
+            if not p.any():
+                p.normal_(std=0.02, generator=draw)
+    return probe
+
+
+def _probe_loss(model, config: TrainConfig, text_dim: int, channels: int, factor: int,
+                device: torch.device) -> Callable[[], torch.Tensor]:
+    """The training loss of ``model`` on random inputs of the first stage's shapes, with the same
+    draws at every call (for timing and comparing precisions)."""
+    stage = config.stages[0]
+    side = stage.resolution // factor
+    draw = torch.Generator(device).manual_seed(0)
+    x0 = torch.randn(stage.batch_size, channels, side, side, generator=draw, device=device)
+    ctx = torch.randn(stage.batch_size, stage.text_length, text_dim, generator=draw, device=device)
+    settings = LossSettings(tread_rate=stage.tread_rate)
+    return lambda: flow_matching_loss(model, x0, ctx, settings, torch.Generator(device).manual_seed(1))
+
+
+def _newton_schulz_probe(model: torch.nn.Module, device: torch.device):
+    """``run(dtype)``: Muon's orthogonalisation of the model's largest hidden matrix."""
+    shape = max((p.shape for n, p in model.named_parameters() if is_hidden_matrix(n, p)),
+                key=lambda s: s.numel(), default=(64, 64))
+    matrix = torch.randn(shape, device=device)
+    return lambda dtype: orthogonalize(matrix, dtype=dtype)
