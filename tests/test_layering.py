@@ -16,7 +16,7 @@ import homediff
 
 PACKAGE = Path(homediff.__file__).parent
 LAYERS = [
-    ["errors"],
+    ["errors", "atomic"],
     ["precision", "geometry", "figures", "exports", "extras", "caching"],
     ["data", "models", "diffusion", "encoders"],
     ["pipeline"],

@@ -24,6 +24,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
+from homediff.atomic import write_atomically
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,16 +39,6 @@ def user_cache_dir(kind: str) -> Path:
     """``$XDG_CACHE_HOME/homediff/KIND``, else ``~/.cache/homediff/KIND``."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "homediff" / kind
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary)`` next to ``path``, then rename it over ``path``."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class MemoryCache:

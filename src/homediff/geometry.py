@@ -53,8 +53,10 @@ def crop_window(full_h: int, full_w: int, top: int, left: int, height: int, widt
     if top < 0 or left < 0 or top + height > full_h or left + width > full_w:
         raise ValueError(
             f"crop window {height}x{width} at ({top}, {left}) lies outside a {full_h}x{full_w} grid")
-    grid = canonical_grid(full_h, full_w, device).view(full_h, full_w, 2)
-    return grid[top:top + height, left:left + width].reshape(-1, 2)
+    half_y, half_x = _box(full_h, full_w)  # only the window's rows and columns are built
+    ys = _centres(half_y, full_h, device)[top:top + height]
+    xs = _centres(half_x, full_w, device)[left:left + width]
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)
 
 
 def camera(pos: torch.Tensor, zoom: float = 1.0, x_shift: float = 0.0,

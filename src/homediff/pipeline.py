@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from homediff import __version__
@@ -243,14 +244,17 @@ class HomeDiffPipeline:
         if not (directory / INDEX).is_file():
             raise CheckpointError(f"{directory}: not a homediff pipeline folder (no {INDEX}); "
                                   "for a released HDM file use HomeDiffPipeline.from_hdm_release")
-        index = json.loads((directory / INDEX).read_text())
+        try:
+            index = json.loads((directory / INDEX).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{directory / INDEX}: cannot read ({err})") from err
         for part in ("transformer", "text_encoder", "vae"):
             if not (directory / part).is_dir():
                 raise CheckpointError(f"{directory}: the component folder {part}/ is missing")
         try:
             config = XUTConfig.from_dict(json.loads((directory / "transformer/config.json").read_text()))
             state = load_file(str(directory / "transformer" / WEIGHTS))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SafetensorError) as err:
             raise CheckpointError(f"{directory}/transformer: cannot read ({err})") from err
         transformer = load_hdm_state_dict(XUT(config), state, str(directory / "transformer"))
         pipe = cls(transformer, TextEncoder.from_pretrained(directory / "text_encoder"),

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from homediff.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 #: bfloat16 must be at least this much faster than float32 to be chosen: below it, the timing noise
@@ -199,3 +201,23 @@ def check_autocast(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
     return AutocastCheck(speedup=speedup,
                          loss_error=((loss16 - loss32).abs() / loss32.abs().clamp_min(1e-12)).item(),
                          grad_cosine=torch.nn.functional.cosine_similarity(grad32, grad16, dim=0).item())
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device a user named (``None``: CUDA when there is one, else the CPU), checked to exist
+    here; a wrong or missing device is a ``ConfigError`` that says what there is."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s); use cpu")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r}: homediff runs on cpu, cuda or mps")
+    return device

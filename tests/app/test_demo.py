@@ -1,11 +1,13 @@
 import itertools
 from types import SimpleNamespace
 
+import pytest
 from PIL import Image
 from train_helpers import square_folder, text_encoder_folder, tiny_config
 
 from homediff.app import demo
-from homediff.app.demo import fit_to_budget, recipe, sample_sheets, train_for
+from homediff.app.demo import fit_to_budget, recipe, run_demo, sample_sheets, train_for
+from homediff.errors import HomediffError
 from homediff.figures import labelled_grid
 from homediff.pipeline import HomeDiffPipeline
 from homediff.training.checkpoint import list_checkpoints
@@ -63,3 +65,11 @@ def test_labelled_grid_layout():
     assert sheet.size == (260 + 2 * 16, 2 * 16)
     assert sheet.getpixel((260 + 1, 1)) == (255, 0, 0)
     assert sheet.getpixel((260 + 20, 20)) == (255, 255, 255)  # row b has one image
+
+
+def test_a_second_demo_into_the_same_folder_asks_for_overwrite(tmp_path):
+    (tmp_path / "demo" / "model").mkdir(parents=True)
+    with pytest.raises(HomediffError, match="holds an earlier run: `homediff demo --overwrite` "
+                                            "replaces it"):
+        run_demo(tmp_path / "demo", minutes=0.1, data=tmp_path / "no-data")
+    assert not (tmp_path / "no-data").exists()  # refused before building anything

@@ -44,6 +44,15 @@ def test_pack_writes_every_image_once_with_its_bytes_unchanged(folder, tmp_path)
         pack_folder(folder, tmp_path / "x", shard_size=0)
 
 
+def test_pack_refuses_a_folder_that_holds_files(folder, tmp_path):
+    """Packing again with bigger shards into the same folder would leave the old higher-numbered
+    shards beside the new ones, and training would read both."""
+    pack_folder(folder, tmp_path / "shards", shard_size=5)
+    with pytest.raises(HomediffError, match="not empty; pack into a new folder"):
+        pack_folder(folder, tmp_path / "shards", shard_size=50)
+    assert len(list((tmp_path / "shards").glob("*.tar"))) == 5
+
+
 def keys_seen(shards, ranks, workers, epochs=1, batch_size=1):
     seen = []
     for rank in range(ranks):

@@ -43,7 +43,7 @@ write_checkpoint({str(tmp_path)!r}, 2, {{"a.safetensors": half, "b.safetensors":
     assert load_tensors(latest / "w.safetensors")["x"][0] == 1
     write_checkpoint(tmp_path, 2, {"w.safetensors": writer(2)})  # the next write replaces the debris
     assert not (tmp_path / "step-00000002.partial").exists()
-    assert os.listdir(tmp_path / "step-00000002") == ["w.safetensors"]
+    assert sorted(os.listdir(tmp_path / "step-00000002")) == ["manifest.json", "w.safetensors"]
 
 
 def test_rng_round_trip():
@@ -90,10 +90,11 @@ def checkpoint_at(step: int) -> Checkpoint:
 
 def test_a_checkpoint_is_one_file_per_part_and_loads_back(tmp_path):
     path = checkpoint_at(4).save(tmp_path)
-    assert sorted(os.listdir(path)) == ["config.toml", "data.json", "ema.safetensors", "model.safetensors",
-                                        "model_config.json", "optimizer.safetensors", "progress.json",
-                                        "rng.safetensors"]
-    back = Checkpoint.load(Checkpoint.find(tmp_path, "latest"))
+    assert sorted(os.listdir(path)) == ["config.toml", "data.json", "ema.safetensors", "manifest.json",
+                                        "model.safetensors", "model_config.json", "optimizer.safetensors",
+                                        "progress.json", "rng.safetensors"]
+    found, back = Checkpoint.open(tmp_path, "latest")
+    assert found == path
     assert back.progress == {"step": 4, "stage": 0, "losses": [[1, 0.5]]}
     assert back.ema["decay"] == 0.999 and back.ema["updates"] == 3
     assert torch.equal(back.ema["shadow"]["w"], torch.full((2,), 0.5))
@@ -116,9 +117,9 @@ def test_a_pickled_checkpoint_is_refused_without_being_read(tmp_path, monkeypatc
     old.mkdir(parents=True)
     (old / "state.pt").write_bytes(pickle.dumps(RunsCode()))
     with pytest.raises(CheckpointError, match="pickled format of earlier homediff versions"):
-        Checkpoint.load(Checkpoint.find(tmp_path / "checkpoints", "latest"))
+        Checkpoint.open(tmp_path / "checkpoints", "latest")
     assert not (tmp_path / "ran-code").exists()
-    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
-        Checkpoint.find(tmp_path, str(tmp_path))
+    with pytest.raises(CheckpointError, match="no readable manifest.json: not a complete checkpoint"):
+        Checkpoint.open(tmp_path, str(tmp_path))
     with pytest.raises(CheckpointError, match="no checkpoint in"):
-        Checkpoint.find(tmp_path / "nowhere", "latest")
+        Checkpoint.open(tmp_path / "nowhere", "latest")

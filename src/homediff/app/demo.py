@@ -32,7 +32,7 @@ from homediff.figures import labelled_grid
 from homediff.pipeline import HomeDiffPipeline
 from homediff.training.checkpoint import Checkpoint, list_checkpoints
 from homediff.training.config import TrainConfig, load_config, to_toml
-from homediff.training.loop import Trainer
+from homediff.training.loop import RUN_OUTPUTS, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +70,13 @@ def default_processes() -> int:
     return 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
 
 
-def train_for(config: TrainConfig, out: Path, minutes: float, processes: int = 1) -> int:
+def train_for(config: TrainConfig, out: Path, minutes: float, processes: int = 1,
+              overwrite: bool = False) -> int:
     """Train ``config`` into ``out`` for ``minutes`` in ``processes`` data-parallel processes
     (``homediff train --minutes`` under torchrun, each with ``cores / processes`` threads unless
-    OMP_NUM_THREADS is set); returns the optimiser steps."""
+    OMP_NUM_THREADS is set); returns the optimiser steps. ``overwrite`` replaces a run in ``out``."""
     if processes == 1:
-        trainer = Trainer(config, out, time_budget=minutes * 60)
+        trainer = Trainer(config, out, time_budget=minutes * 60, overwrite=overwrite)
         trainer.run()
         return trainer.progress.step
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,7 @@ def train_for(config: TrainConfig, out: Path, minutes: float, processes: int = 1
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or processes) // processes)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", "-m", "homediff", "train", str(config_file),
-               "--out", str(out), "--minutes", str(minutes)]
+               "--out", str(out), "--minutes", str(minutes), *(["--overwrite"] if overwrite else [])]
     started = time.time()
     finished = subprocess.run(command, env=env)
     if finished.returncode != 0:
@@ -130,14 +131,18 @@ def sample_sheets(pipe: HomeDiffPipeline, data: Path, out: Path, seeds: int = 4,
 
 def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | Path = "data/emoji",
              settings: EvalSettings | None = None, overrides: list[str] = (),
-             processes: int | None = None) -> dict:
+             processes: int | None = None, overwrite: bool = False) -> dict:
     """Build the data if needed, train within ``minutes`` (in ``processes``, default
-    ``default_processes()``), write samples and the evaluation."""
+    ``default_processes()``), write samples and the evaluation. An earlier demo in ``out`` is
+    replaced only with ``overwrite``."""
     from homediff.data.emoji import build_emoji_dataset
 
     out, data = Path(out), Path(data)
     if processes is not None and processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {processes}")
+    if not overwrite and any((out / name).exists() for name in RUN_OUTPUTS):
+        raise HomediffError(f"{out} holds an earlier run: `homediff demo --overwrite` replaces it, "
+                            "--out writes elsewhere")
     if not (data / "train").is_dir():
         logger.warning("building the emoji set in %s", data)
         build_emoji_dataset(data, size=64)
@@ -146,7 +151,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | P
     steps = fit_to_budget(config, minutes)
     logger.warning("training for %.0f minutes (about %d steps in one process) in %d process%s "
                    "into %s", minutes, steps, processes, "es" if processes > 1 else "", out)
-    steps = train_for(config, out, minutes, processes)
+    steps = train_for(config, out, minutes, processes, overwrite=True)
     model_dir = out / "model"
     pipe = HomeDiffPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)

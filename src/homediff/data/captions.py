@@ -68,6 +68,17 @@ def decode_caption(data: bytes, notes: list[Note]) -> str:
             return data.decode("utf-16").strip()
         except UnicodeDecodeError:
             pass
+    elif b"\x00" in data:  # no text has NULs: UTF-16 without a BOM (NULs in high or low bytes)
+        order = "utf-16-le" if data[1::2].count(0) >= data[0::2].count(0) else "utf-16-be"
+        try:
+            text = data.decode(order)
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and "\x00" not in text:
+            notes.append(("caption-utf16", f"no byte-order mark, decoded as {order.upper()}"))
+            return text.strip()
+        notes.append(("caption-not-utf8", "NUL bytes removed, decoded with replacement characters"))
+        return data.replace(b"\x00", b"").decode("utf-8", errors="replace").strip()
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError:

@@ -51,7 +51,7 @@ def _check(read, config: DataConfig, size: int | None) -> tuple[list[Note], BadS
 
 
 def _check_entry(root: Path, config: DataConfig, size: int | None, entry: Entry):
-    return _check(functools.partial(read_entry, root, entry), config, size)
+    return _check(functools.partial(read_entry, root, entry, config), config, size)
 
 
 def check_folder(root: str | Path, config: DataConfig | None = None, size: int | None = None,

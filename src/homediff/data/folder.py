@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 
 from homediff.caching import cache_key, json_file_cache, user_cache_dir
 from homediff.data.problems import BadSample, ProblemLog
+from homediff.data.options import MAX_CAPTION_BYTES
 from homediff.data.transform import DataConfig, make_sample, sample_seed
 from homediff.errors import HomediffError
 
@@ -106,14 +108,40 @@ def scan_folder(root: str | Path, cache: bool | str | Path = True) -> list[Entry
     return entries
 
 
-def read_entry(root: Path, entry: Entry) -> tuple[bytes, bytes | None]:
-    """Image and caption bytes of an entry; an OSError becomes BadSample("unreadable")."""
-    try:
-        image = (root / entry.image).read_bytes()
-        caption = (root / entry.caption).read_bytes() if entry.caption else None
-    except OSError as err:
-        raise BadSample("unreadable", f"cannot read the file ({err.strerror or err})") from None
+def read_entry(root: Path, entry: Entry, config: DataConfig) -> tuple[bytes, bytes | None]:
+    """Image and caption bytes of an entry (see ``read_bounded``)."""
+    image = read_bounded(root, entry.image, config.max_file_bytes, config.allow_outside_links)
+    caption = None
+    if entry.caption:
+        caption = read_bounded(root, entry.caption, MAX_CAPTION_BYTES, config.allow_outside_links)
     return image, caption
+
+
+def read_bounded(root: Path, relative: str, limit: int, outside_links: bool = False) -> bytes:
+    """The bytes of a regular file under ``root``, at most ``limit`` of them; raises BadSample for
+    anything else: a FIFO or device (opened without blocking, never read), a link that leads out
+    of ``root`` (unless ``outside_links``), a larger file, or an OSError."""
+    path = root / relative
+    if not outside_links and not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+        raise BadSample("outside-root", f"a link to {os.path.realpath(path)}, outside {root} "
+                                        "(set allow_outside_links to read it)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise BadSample("unreadable", f"cannot open the file ({err.strerror or err})") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadSample("not-a-file", "not a regular file (a FIFO, device or socket)")
+        if info.st_size > limit:
+            raise BadSample("file-too-big", f"{info.st_size:,} bytes, over the limit of {limit:,}")
+        try:
+            data = file.read(limit + 1)
+        except OSError as err:
+            raise BadSample("unreadable", f"cannot read the file ({err.strerror or err})") from None
+    if len(data) > limit:  # a file that grew while being read
+        raise BadSample("file-too-big", f"over the limit of {limit:,} bytes")
+    return data
 
 
 class FolderDataset(Dataset):
@@ -155,8 +183,8 @@ class FolderDataset(Dataset):
                 entry = self.entries[target]
                 path = str(self.root / entry.image)
                 try:
-                    sample, notes = make_sample(*read_entry(self.root, entry), path, self.config,
-                                                generator)
+                    sample, notes = make_sample(*read_entry(self.root, entry, self.config), path,
+                                                self.config, generator)
                 except BadSample as bad:
                     self.problems.note(path, bad.kind, bad.detail, skipped=True)
                     self._bad.add(target)

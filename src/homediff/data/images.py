@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from homediff.data.options import DEFAULT_MAX_PIXELS
+from homediff.data.options import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from homediff.data.problems import BadSample, Note
 from homediff.extras import require
 
@@ -18,10 +18,11 @@ WHITE = (255, 255, 255)
 
 
 def decode_image(data: bytes, notes: list[Note], max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_short: int | None = None) -> Image.Image:
+                 draft_short: int | None = None, max_aspect: float = DEFAULT_MAX_ASPECT) -> Image.Image:
     """Decode image bytes to RGB, applying EXIF orientation; fixes are appended to ``notes``.
 
-    Images over ``max_pixels`` are refused from their header, before any pixel is decoded. With
+    Images over ``max_pixels``, or longer than ``max_aspect`` times their short side, are refused
+    from their header, before any pixel is decoded. With
     ``draft_short``, a JPEG is decoded at the smallest DCT scale whose short side stays at least
     ``draft_short`` (the later resize then does less work; quality is unchanged).
     """
@@ -39,6 +40,9 @@ def decode_image(data: bytes, notes: list[Note], max_pixels: int = DEFAULT_MAX_P
     if width * height > max_pixels:
         raise BadSample("too-large", f"{width}x{height} is {width * height:,} pixels, over the "
                                      f"limit of {max_pixels:,} (raise max_pixels to allow it)")
+    if max(width, height) > max_aspect * max(1, min(width, height)):
+        raise BadSample("extreme-aspect", f"{width}x{height} is over {max_aspect:g}:1 (raise "
+                                          "max_aspect to allow it)")
     if draft_short and image.format == "JPEG" and min(width, height) > draft_short:
         scale = draft_short / min(width, height)
         image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))

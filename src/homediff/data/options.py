@@ -13,6 +13,9 @@ from homediff.errors import ConfigError
 CROP_MODES = ("random", "center", "none")
 MISSING_CAPTION = ("empty", "skip")
 DEFAULT_MAX_PIXELS = 8192 * 8192
+DEFAULT_MAX_ASPECT = 8.0
+DEFAULT_MAX_FILE_BYTES = 512 * 2**20
+MAX_CAPTION_BYTES = 2**20
 
 
 @dataclass
@@ -45,8 +48,10 @@ class DataConfig:
 
     size: crop side in pixels. crop: "random" (shifted square crop), "center" or "none".
     flip: probability of a horizontal flip. min_size: skip images whose short side is smaller
-    (0: upscale every small image). max_pixels: refuse larger images. missing_caption: "empty" (use
-    the empty caption) or "skip".
+    (0: upscale every small image). max_pixels: refuse larger images; max_aspect: refuse images
+    whose long side is more than this many times the short one; max_file_bytes: refuse larger
+    image files (read no further). allow_outside_links: read files that links lead to outside the
+    data set's folder. missing_caption: "empty" (use the empty caption) or "skip".
     """
 
     size: int = 256
@@ -54,6 +59,9 @@ class DataConfig:
     flip: float = 0.0
     min_size: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect: float = DEFAULT_MAX_ASPECT
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    allow_outside_links: bool = False
     missing_caption: str = "empty"
     captions: CaptionConfig = field(default_factory=CaptionConfig)
 
@@ -67,6 +75,11 @@ class DataConfig:
                 f"data.crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
         if not 0.0 <= self.flip <= 1.0:
             raise ConfigError(f"data.flip must be a probability in [0, 1], got {self.flip}")
+        for name in ("max_pixels", "max_file_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.max_aspect < 1:
+            raise ConfigError(f"data.max_aspect must be at least 1, got {self.max_aspect}")
         if self.missing_caption not in MISSING_CAPTION:
             raise ConfigError(f"data.missing_caption must be 'empty' or 'skip', "
                               f"got {self.missing_caption!r}")

@@ -7,6 +7,10 @@ A *skip* (``BadSample``) means the sample cannot be used and is replaced by anot
     truncated       the image data ends early
     not-an-image    an image extension, but no image format Pillow knows
     too-large       more pixels than the limit (a decompression bomb is refused before decoding)
+    extreme-aspect  long side over ``max_aspect`` times the short one (a 20000×1 strip)
+    file-too-big    more bytes than ``max_file_bytes`` (image) or 1 MiB (caption)
+    not-a-file      a FIFO, device or socket with an image or caption name: never read
+    outside-root    a link to a file outside the data set's folder (``allow_outside_links``)
     too-small       short side under the configured minimum
     no-caption      no caption file, and the config says to skip such images
     no-image        a shard sample without an image member
@@ -19,6 +23,7 @@ A *fix* is applied and the sample is used:
     upscaled          short side under the crop size, upscaled
     missing-caption   no caption file: empty caption
     caption-not-utf8  caption bytes decoded with replacement characters
+    caption-utf16     a UTF-16 caption without a byte-order mark, decoded as UTF-16
 """
 
 from __future__ import annotations

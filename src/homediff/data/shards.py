@@ -50,6 +50,23 @@ def shard_list(shards: str | Path | Iterable[str | Path]) -> list[str]:
     return found
 
 
+def dataset_kind(path: str | Path, kind: str = "auto") -> str:
+    """``"folder"`` or ``"shards"``: as given, or for ``"auto"`` from the path (a .tar file, a
+    glob or brace pattern, or a folder of .tar files are shards). A folder that holds both .tar
+    files and images is an error: which one is meant cannot be guessed."""
+    if kind in ("folder", "shards"):
+        return kind
+    text, path = str(path), Path(path)
+    if path.suffix == ".tar" or glob.has_magic(text) or "{" in text:
+        return "shards"
+    if not (path.is_dir() and any(path.glob("*.tar"))):
+        return "folder"
+    if scan_folder(path):
+        raise ConfigError(f"{path} holds both .tar shards and images: say which to read with "
+                          "dataset.kind = \"shards\" or \"folder\" (or move one of them)")
+    return "shards"
+
+
 def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
     """Shuffle a stream through a buffer of ``size`` items."""
     buffer: list = []
@@ -194,6 +211,9 @@ def pack_folder(root: str | Path, out: str | Path, shard_size: int = 1000, seed:
         raise ConfigError(f"--shard-size must be a positive number of samples, got {shard_size}")
     tar_writer = require("webdataset.writer", "data", "webdataset").TarWriter
     root, out = Path(root), Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise HomediffError(f"{out}: not empty; pack into a new folder (shards already there would "
+                            "be read as part of the data set)")
     entries = scan_folder(root, cache)
     if not entries:
         raise HomediffError(f"{root}: no images to pack")

@@ -10,7 +10,7 @@ from homediff.data.captions import decode_caption, process_caption
 from homediff.data.crop import shifted_square_crop
 from homediff.data.images import Image, decode_image
 from homediff.data.loader import hflip
-from homediff.data.options import DataConfig
+from homediff.data.options import MAX_CAPTION_BYTES, DataConfig
 from homediff.data.problems import BadSample, Note
 
 
@@ -27,7 +27,12 @@ def load(image_bytes: bytes, caption_bytes: bytes | None, config: DataConfig, no
     ``size``: the crop size, or None to skip the "upscaled" check (and decode JPEGs at full size).
     """
     draft = max(size, config.min_size) if size else None
-    image = decode_image(image_bytes, notes, config.max_pixels, draft_short=draft)
+    if len(image_bytes) > config.max_file_bytes:
+        raise BadSample("file-too-big", f"over {config.max_file_bytes:,} bytes (raise max_file_bytes "
+                                        "to allow it)")
+    if caption_bytes is not None and len(caption_bytes) > MAX_CAPTION_BYTES:
+        raise BadSample("file-too-big", f"a caption over {MAX_CAPTION_BYTES:,} bytes")
+    image = decode_image(image_bytes, notes, config.max_pixels, draft, config.max_aspect)
     short = min(image.size)
     if short < config.min_size:
         raise BadSample("too-small", f"short side {short} px is under min_size {config.min_size}")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from homediff.errors import CheckpointError, ConfigError
+from homediff.errors import CheckpointError, ConfigError, check_keys
 from homediff.extras import require
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class KLAutoencoder(Autoencoder):
     @classmethod
     def from_pretrained(cls, name_or_path: str, **options) -> "KLAutoencoder":
         """An AutoencoderKL folder or hub id; options: mean, std, sample, batch_size."""
+        check_keys(cls, options, f"autoencoder {name_or_path}")
         diffusers = _diffusers()
         try:
             vae = diffusers.AutoencoderKL.from_pretrained(str(name_or_path))
@@ -186,13 +187,16 @@ def load_autoencoder(spec: str | Path, **options) -> Autoencoder:
     """``"pixel"`` (options: factor, image_channels), a ``save_pretrained`` folder, or a diffusers
     AutoencoderKL folder or hub id (options: mean, std, sample, batch_size)."""
     if str(spec) == "pixel":
-        return PixelAutoencoder(**options)
+        return PixelAutoencoder(**check_keys(PixelAutoencoder, options, "pixel autoencoder"))
     saved = Path(spec, CONFIG_NAME)
     if saved.is_file():
-        record = json.loads(saved.read_text())
-        kind = record.pop("type")
+        try:
+            record = json.loads(saved.read_text(encoding="utf-8"))
+            kind = record.pop("type")
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"{saved}: not a readable autoencoder record ({err!r})") from err
         if kind == "pixel":
-            return PixelAutoencoder(**{**record, **options})
+            return PixelAutoencoder(**check_keys(PixelAutoencoder, {**record, **options}, str(saved)))
         if kind == "diffusers-kl":
             return KLAutoencoder.from_pretrained(spec, **{**record, **options})
         raise ConfigError(f"{saved}: unknown autoencoder type {kind!r} "

@@ -28,7 +28,7 @@ import torch
 
 from homediff.caching import MemoryCache, cache_key
 from homediff.encoders.options import DEFAULT_TEXT_ENCODER, TextEncoderConfig
-from homediff.errors import CheckpointError, ConfigError
+from homediff.errors import CheckpointError, ConfigError, check_keys
 from homediff.extras import require
 from homediff.precision import choose_matmul_dtype
 
@@ -81,8 +81,11 @@ class TextEncoder:
         path = resolve_text_encoder(str(name_or_path))
         saved = Path(path, CONFIG_NAME)
         if saved.is_file():
-            options = {**json.loads(saved.read_text())["config"], **options}
-        config = TextEncoderConfig(**options)
+            try:
+                options = {**json.loads(saved.read_text(encoding="utf-8"))["config"], **options}
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{saved}: not a readable text-encoder record ({err!r})") from err
+        config = TextEncoderConfig(**check_keys(TextEncoderConfig, options, f"text encoder {name_or_path}"))
         transformers = _transformers()
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)

@@ -8,22 +8,13 @@ seen. Shard datasets resume at each loader worker's stream position.
 from __future__ import annotations
 
 import dataclasses
-import glob
 from pathlib import Path
 
 from homediff.data import FolderDataset, ShardDataset, ShardProgress, make_loader
 from homediff.data.loader import distributed_rank
+from homediff.data.shards import dataset_kind
 from homediff.errors import ConfigError
 from homediff.training.config import DatasetSection
-
-
-def dataset_kind(section: DatasetSection) -> str:
-    if section.kind in ("folder", "shards"):
-        return section.kind
-    path = Path(section.path)
-    if path.suffix == ".tar" or glob.has_magic(section.path) or "{" in section.path:
-        return "shards"
-    return "shards" if path.is_dir() and any(path.glob("*.tar")) else "folder"
 
 
 class BatchStream:
@@ -34,7 +25,7 @@ class BatchStream:
         if not section.path:
             raise ConfigError("dataset.path is empty: point it at an image folder or tar shards "
                               "(`homediff data emoji data/emoji` builds the built-in set)")
-        self.kind = dataset_kind(section)
+        self.kind = dataset_kind(section.path, section.kind)
         if self.kind == "folder" and not Path(section.path).is_dir():
             raise ConfigError(f"dataset.path {section.path} is not a folder")
         options = dataclasses.replace(section.options, size=resolution)

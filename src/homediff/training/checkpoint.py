@@ -19,8 +19,9 @@ half-written one that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import logging
 import random
 import re
 import shutil
@@ -30,12 +31,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from homediff.atomic import fsync, replace_folder
 from homediff.errors import CheckpointError
 
+logger = logging.getLogger(__name__)
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -52,35 +57,59 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read ({err})") from err
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(root: str | Path, step: int, writers: dict[str, Callable[[Path], None]],
                      keep: int = 0) -> Path:
-    """Write one checkpoint folder atomically; ``writers`` maps file names to functions that write
-    that file at the path given. Keeps the newest ``keep`` checkpoints (0: all)."""
+    """Write one checkpoint folder atomically: every file, then ``manifest.json`` (each file's size
+    and SHA-256), then the rename. ``writers`` maps file names to functions that write that file at
+    the path given. Keeps the newest ``keep`` checkpoints (0: all) and always the one just written.
+    A failed write (a full disk) removes its partial folder and leaves the others as they were."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     partial = root / f"{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    for name, write in writers.items():
-        write(partial / name)
-        _fsync(partial / name)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(partial, final)
-    _fsync(root)
+    try:
+        partial.mkdir(parents=True)
+        for name, write in writers.items():
+            write(partial / name)
+            fsync(partial / name)
+        manifest = {name: _fingerprint(partial / name) for name in writers}
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        fsync(partial / MANIFEST)
+        replace_folder(partial, final)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({err}); the earlier ones are "
+                              "intact: free disk space, then continue with --resume latest") from err
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fingerprint(path: Path) -> dict:
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check every file of a checkpoint folder against its manifest; the error names the first
+    file that is missing, truncated or changed."""
+    path = Path(path)
+    listed = _read_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"{path}: no readable {MANIFEST}: not a complete checkpoint")
+    for name, expected in listed.items():
+        file = path / name
+        if "/" in name or name.startswith(".") or not file.is_file():
+            raise CheckpointError(f"{file}: listed in the manifest but missing")
+        found = _fingerprint(file)
+        if found["bytes"] != expected.get("bytes"):
+            raise CheckpointError(f"{file}: {found['bytes']} bytes where the manifest says "
+                                  f"{expected.get('bytes')} (truncated or damaged)")
+        if found["sha256"] != expected.get("sha256"):
+            raise CheckpointError(f"{file}: its contents differ from the manifest's checksum (damaged)")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -206,7 +235,10 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: str | Path) -> "Checkpoint":
+        """Read a checkpoint folder after checking it against its manifest."""
         path = Path(path)
+        _refuse_old_format(path)
+        verify_checkpoint(path)
         saved = cls.read_progress(path)
         ema = None
         if (path / "ema.safetensors").is_file():
@@ -225,23 +257,36 @@ class Checkpoint:
     def read_progress(path: str | Path) -> dict:
         """``{"progress": …, "precision": …}`` of a checkpoint folder, without its tensors."""
         path = Path(path)
+        _refuse_old_format(path)
         if not (path / "progress.json").is_file():
-            if (path / "state.pt").is_file():
-                raise CheckpointError(f"{path}: a checkpoint in the pickled format of earlier "
-                                      "homediff versions, which is not read (loading a pickle can "
-                                      "run code): start a new run, or resume it with the version "
-                                      "that wrote it")
             raise CheckpointError(f"{path}: not a checkpoint folder (no progress.json)")
         return _read_json(path / "progress.json")
 
-    @staticmethod
-    def find(root: str | Path, which: str) -> Path:
-        """The checkpoint folder ``which`` names: ``"latest"`` under ``root``, or a path."""
-        path = latest_checkpoint(root) if which == "latest" else Path(which)
-        if path is None:
+    @classmethod
+    def open(cls, root: str | Path, which: str) -> tuple[Path, "Checkpoint"]:
+        """The checkpoint ``which`` names, verified and loaded: a folder, or ``"latest"``, the
+        newest intact one under ``root`` (each damaged newer one is skipped with a warning that
+        names what is wrong)."""
+        if which != "latest":
+            return Path(which), cls.load(which)
+        found = list_checkpoints(root)
+        if not found:
             raise CheckpointError(f"--resume latest: no checkpoint in {root}")
-        Checkpoint.read_progress(path)  # a clear error for anything that is not one
-        return path
+        problems = []
+        for path in reversed(found):
+            try:
+                return path, cls.load(path)
+            except CheckpointError as err:
+                problems.append(str(err))
+                logger.warning("skipping a damaged checkpoint: %s", err)
+        raise CheckpointError(f"--resume latest: no intact checkpoint in {root} ({'; '.join(problems)})")
+
+
+def _refuse_old_format(path: Path) -> None:
+    if (path / "state.pt").is_file() and not (path / "progress.json").is_file():
+        raise CheckpointError(f"{path}: a checkpoint in the pickled format of earlier homediff "
+                              "versions, which is not read (loading a pickle can run code): start a "
+                              "new run, or resume it with the version that wrote it")
 
 
 def _read_json(path: Path):

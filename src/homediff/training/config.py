@@ -266,13 +266,16 @@ def apply_override(raw: dict, assignment: str) -> None:
     path, text = assignment.split("=", 1)
     keys = path.strip().split(".")
     node = raw
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise ConfigError(f"override {path}: {key} is not an index of that list")
             node = node[int(key)]
         else:
             node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            where = ".".join(keys[:depth + 1])
+            raise ConfigError(f"override {path}: {where} is a value ({node!r}), not a section")
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
@@ -293,9 +296,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """Read a TOML config, apply dotted overrides, and check every key."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from err
     for assignment in overrides:

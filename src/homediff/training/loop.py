@@ -25,8 +25,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,12 +36,13 @@ import torch
 
 from homediff import precision
 from homediff.caching import TensorShards
-from homediff.errors import ConfigError, HomediffError
+from homediff.atomic import replace_folder, write_atomically
+from homediff.errors import CheckpointError, ConfigError, HomediffError
 from homediff.models import XUT
 from homediff.models.flops import train_step_flops
 from homediff.models.layers import Block
 from homediff.training import sharding
-from homediff.training.checkpoint import Checkpoint, rng_state, save_tensors, set_rng_state
+from homediff.training.checkpoint import Checkpoint, list_checkpoints, rng_state, save_tensors, set_rng_state
 from homediff.training.components import Builders, Components
 from homediff.training.config import StageConfig, TrainConfig, to_toml
 from homediff.training.objective import LossSettings
@@ -49,10 +52,15 @@ from homediff.training.precisions import accelerator_precision, choose_precision
 logger = logging.getLogger(__name__)
 
 REFIT_EVERY = 10
+RUN_OUTPUTS = ("checkpoints", "logs", "samples", "model", "model.safetensors", "loss.png")
 
 
 class TrainingStopped(HomediffError):
     """Training stopped before its end (bad steps in a row)."""
+
+
+class _StopWhileWaiting(Exception):
+    """A stop signal that came while the loop waited for the next step's data."""
 
 
 @dataclass
@@ -73,8 +81,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: str | None = None,
                  max_steps: int | None = None, checkpoint_every: int | None = None,
-                 time_budget: float | None = None, builders: Builders = Builders(),
-                 clock=time.perf_counter):
+                 time_budget: float | None = None, overwrite: bool = False,
+                 builders: Builders = Builders(), clock=time.perf_counter):
         if time_budget is not None and (time_budget <= 0 or len(config.stages) != 1):
             raise ConfigError("a time budget needs a positive number of seconds and a config with "
                               f"one stage (got {time_budget} s, {len(config.stages)} stages)")
@@ -88,12 +96,17 @@ class Trainer:
         self.rank = self.accelerator.process_index
         torch.manual_seed(config.train.seed)
         self.generator = torch.Generator(self.device).manual_seed(config.train.seed * 1009 + self.rank)
-        resume_path = Checkpoint.find(self.run_dir / "checkpoints", resume) if resume else None
-        saved = Checkpoint.load(resume_path) if resume_path else None
+        resume_path, saved = None, None
+        if resume:
+            resume_path, saved = Checkpoint.open(self.run_dir / "checkpoints", resume)
+        else:
+            self._claim_run_folder(overwrite)
 
         self.text_encoder = builders.text_encoder(config, self.device)
         self.autoencoder = builders.autoencoder(config, self.device)
         model = builders.model(config, self.text_encoder, self.autoencoder, self.device)
+        if saved:
+            self._refuse_incompatible(saved, resume_path, model)
         self.precision = choose_precisions(config, model, self.text_encoder, self.autoencoder.channels,
                                            self.autoencoder.factor, self.device,
                                            saved.precision if saved else None, agree=self._mean)
@@ -118,6 +131,46 @@ class Trainer:
                "muon": self.precision["muon"] or "-"}))
         self._resume_state = self._restore(saved, resume_path) if saved else None
         self._stop_signal: int | None = None
+        self._between_steps = False  # waiting for the first micro-batch of a step
+
+    def _claim_run_folder(self, overwrite: bool) -> None:
+        """A new run may not mix with another's checkpoints: refuse, or with ``overwrite`` clear
+        the earlier run's outputs (the disk caches stay: their keys say what they hold)."""
+        earlier = list_checkpoints(self.run_dir / "checkpoints")
+        outputs = [self.run_dir / name for name in RUN_OUTPUTS]
+        if not (earlier or any(p.exists() for p in outputs)):
+            return
+        if not overwrite:
+            held = f"checkpoints up to {earlier[-1].name}" if earlier else "a finished model"
+            raise HomediffError(f"{self.run_dir} holds another run ({held}): continue it with "
+                                "--resume latest, or start again with --overwrite (deletes it)")
+        if self.accelerator.is_main_process:
+            for path in outputs:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def _refuse_incompatible(self, saved: Checkpoint, path: Path, model) -> None:
+        """A resume must continue the same run: the same backbone, the same batches per step in
+        the current stage and the same number of processes (positions and random states are per
+        process)."""
+        built = {k: v for k, v in model.config.to_dict().items() if k != "gradient_checkpointing"}
+        differ = [f"{k} {saved.model_config.get(k)!r} → {v!r}" for k, v in built.items()
+                  if saved.model_config.get(k) != v]
+        problems = [f"the model differs ({', '.join(differ)})"] if differ else []
+        index = saved.progress["stage"]
+        before = tomllib.loads(saved.config).get("stages", [])
+        if index < min(len(before), len(self.config.stages)):
+            for key in ("batch_size", "grad_accum"):
+                old, new = before[index].get(key, 1), getattr(self.config.stages[index], key)
+                if old != new:
+                    problems.append(f"stages[{index}].{key} was {old}, now {new}")
+        if len(saved.rng or []) != self.accelerator.num_processes:
+            problems.append(f"it ran in {len(saved.rng or [])} processes, this run has "
+                            f"{self.accelerator.num_processes}")
+        if problems:
+            raise CheckpointError(f"{path}: cannot resume: {'; '.join(problems)}. Resume with the "
+                                  "config the run was trained with (its config.toml) and as many "
+                                  "processes, or start a new run")
 
     @property
     def unwrapped(self) -> XUT:
@@ -141,6 +194,9 @@ class Trainer:
         (progress, batch), if given, sees every micro-batch."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if self._stop_reason():  # resumed at or past --max-steps
+                self.monitor.say(f"step {self.progress.step}: at --max-steps {self.max_steps} already")
+                return None
             while self.progress.stage < len(self.config.stages):
                 if not self._train_stage(callback):
                     return None
@@ -151,7 +207,15 @@ class Trainer:
             self.monitor.close()
 
     def _on_signal(self, signum, frame) -> None:
+        """The first SIGINT/SIGTERM stops after the current step, with a checkpoint (at once when
+        a single process is waiting for data between steps); the second stops at once."""
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt(f"a second stop signal: stopped at once, the last checkpoint "
+                                    f"in {self.run_dir / 'checkpoints'} is intact")
         self._stop_signal = signum
+        self.monitor.say("stopping after this step with a checkpoint (a second Ctrl-C stops at once)")
+        if self._between_steps and self.accelerator.num_processes == 1:
+            raise _StopWhileWaiting
 
     def _train_stage(self, callback) -> bool:
         """Run the current stage to its end; False when stopped early (signal or --max-steps)."""
@@ -162,32 +226,37 @@ class Trainer:
         settings = LossSettings.of(self.config, stage, precision.DTYPES.get(self.precision["autocast"]))
         warmup, low = self.config.optimizer.warmup_steps, self.config.optimizer.min_lr_ratio
         started, first_step, bad_steps = self.clock(), self.progress.stage_step, 0
-        for micro_batches in self._step_batches(stage.grad_accum, callback):
-            loss = self._backward(micro_batches, parts, settings)
-            set_lr(optimizer, stage.lr, lr_multiplier(self.progress.stage_step, total, warmup, low))
-            if not torch.isfinite(self.accelerator.reduce(loss, "mean")):
-                bad_steps = self._skip_step(optimizer, bad_steps + 1)
-                continue
-            bad_steps = 0
-            self._optimizer_step(optimizer, stage, loss)
-            if self.config.train.sample_every and self.progress.step % self.config.train.sample_every == 0:
-                self.sample()
-            if self.time_budget and self.progress.stage_step % REFIT_EVERY == 0:
-                total = self._fit_to_time_budget(started, first_step)
-            done = self.progress.stage_step >= total
-            stop = self._stop_reason()
-            if done:
-                self._next_stage_position()
-            if done or stop or self.progress.step % self.checkpoint_every == 0:
-                self.save_checkpoint(optimizer, index)
-            if stop:
-                self.monitor.say(f"stopped at step {self.progress.step} ({stop}); resume with "
-                                 "--resume latest")
-                return False
-            if done:
-                if self.config.train.sample_every == 0:
+        try:
+            for micro_batches in self._step_batches(stage.grad_accum, callback):
+                loss = self._backward(micro_batches, parts, settings)
+                set_lr(optimizer, stage.lr, lr_multiplier(self.progress.stage_step, total, warmup, low))
+                if not torch.isfinite(self.accelerator.reduce(loss, "mean")):
+                    bad_steps = self._skip_step(optimizer, bad_steps + 1)
+                    continue
+                bad_steps = 0
+                self._optimizer_step(optimizer, stage, loss)
+                every = self.config.train.sample_every
+                if every and self.progress.step % every == 0:
                     self.sample()
-                return True
+                if self.time_budget and self.progress.stage_step % REFIT_EVERY == 0:
+                    total = self._fit_to_time_budget(started, first_step)
+                done = self.progress.stage_step >= total
+                stop = self._stop_reason()
+                if done:
+                    self._next_stage_position()
+                if done or stop or self.progress.step % self.checkpoint_every == 0:
+                    self.save_checkpoint(optimizer, index)
+                if stop:
+                    break
+                if done:
+                    if every == 0:
+                        self.sample()
+                    return True
+        except _StopWhileWaiting:
+            self.save_checkpoint(optimizer, index)
+            stop = f"signal {self._stop_signal}"
+        self.monitor.say(f"stopped at step {self.progress.step} ({stop}); resume with --resume latest")
+        return False
 
     def _start_stage(self, index: int, stage: StageConfig) -> tuple[torch.optim.Optimizer, int]:
         """The stage's data stream, optimiser (restored on a resume) and length in steps."""
@@ -200,8 +269,9 @@ class Trainer:
         optimizer = self.accelerator.prepare_optimizer(self.build.optimizer(
             self.config, stage, self.unwrapped, precision.DTYPES[muon] if muon else None, self.device))
         if self._resume_state:
-            sharding.load_optimizer_state(self.unwrapped, optimizer.optimizer,
-                                          self._resume_state["optimizer"], self.fsdp)
+            if self._resume_state["optimizer"] is not None:
+                sharding.load_optimizer_state(self.unwrapped, optimizer.optimizer,
+                                              self._resume_state["optimizer"], self.fsdp)
             if self.accelerator.scaler and self._resume_state["scaler"]:
                 self.accelerator.scaler.load_state_dict(self._resume_state["scaler"])
             self.stream.load_state_dict(self._resume_state["data"])
@@ -217,7 +287,8 @@ class Trainer:
         group = []
         while True:
             start, seen = self.progress.batch, 0
-            for batch in self.stream.epoch(self.progress.epoch, start):
+            batches = self.stream.epoch(self.progress.epoch, start)
+            while (batch := self._next_batch(batches, between_steps=not group)) is not None:
                 if callback:
                     callback(self.progress, batch)
                 self.monitor.count_problems(batch)
@@ -232,6 +303,15 @@ class Trainer:
                                   "usable images than the batch size?)")
             self.progress.epoch += 1
             self.progress.batch = 0
+
+    def _next_batch(self, batches, between_steps: bool) -> dict | None:
+        """The next batch of the epoch (None at its end), marking a wait between steps, when a
+        stop signal can end the run at once."""
+        self._between_steps = between_steps
+        try:
+            return next(batches, None)
+        finally:
+            self._between_steps = False
 
     def _backward(self, micro_batches: list[dict], parts: Components, settings: LossSettings):
         """Gradients of the step's mean loss over its micro-batches (synchronised between
@@ -269,9 +349,13 @@ class Trainer:
                           stage.batch_size * stage.grad_accum * self.accelerator.num_processes)
 
     def _stop_reason(self) -> str | None:
-        if self._stop_signal is not None:
-            return f"signal {self._stop_signal}"
-        return "--max-steps" if self.progress.step == self.max_steps else None
+        """Why to stop now, the same on every process: a stop signal any of them has seen, or
+        --max-steps reached."""
+        if self._mean(float(self._stop_signal is not None)) > 0:
+            return f"signal {self._stop_signal or 'on another process'}"
+        if self.max_steps is not None and self.progress.step >= self.max_steps:
+            return "--max-steps"
+        return None
 
     def _fit_to_time_budget(self, started: float, first_step: int) -> int:
         """The stage length at which this run's training ends on its time budget, from the mean
@@ -312,14 +396,17 @@ class Trainer:
             cache.flush()
         self.accelerator.wait_for_everyone()
         scaler = self.accelerator.scaler
+        data = _merge_positions(gather_object([self.stream.state_dict()]))
+        optimizer_state = sharding.optimizer_state(self.unwrapped, optimizer.optimizer, self.fsdp)
+        within = self.progress.stage == stage  # at a stage's end the next builds its own of both
         checkpoint = Checkpoint(
             progress=dataclasses.asdict(self.progress), precision=self.precision,
             model=sharding.model_state(self.unwrapped, self.fsdp),
             model_config=self.unwrapped.config.to_dict(), config=to_toml(self.config),
-            optimizer={"optimizer": sharding.optimizer_state(self.unwrapped, optimizer.optimizer, self.fsdp),
+            optimizer={"optimizer": optimizer_state if within else None,
                        "scaler": scaler.state_dict() if scaler else None},
             ema=self.ema.state_dict() if self.ema else None,
-            data=_merge_positions(gather_object([self.stream.state_dict()])),
+            data=data if within else None,
             # each process draws its own noise, times and routing: keep every one's states
             rng=gather_object([{"global": rng_state(), "generator": self.generator.get_state()}]))
         path = None
@@ -337,8 +424,7 @@ class Trainer:
         if self.ema and checkpoint.ema:
             self.ema.load_state_dict(checkpoint.ema)
         self.progress = Progress(**checkpoint.progress)
-        states = checkpoint.rng
-        own = states[self.rank] if len(states) == self.accelerator.num_processes else states[0]
+        own = checkpoint.rng[self.rank]
         set_rng_state(own["global"])
         self.generator.set_state(own["generator"])
         self.monitor.say(f"resumed from {path} at step {self.progress.step} "
@@ -376,10 +462,13 @@ class Trainer:
             return None
         pipe = self.pipeline(weights)
         pipe.text_encoder.config = self.config.text_encoder.options
-        out = self.run_dir / "model"
-        pipe.save_pretrained(out)
-        save_tensors(self.run_dir / "model.safetensors", pipe.transformer.state_dict(),
-                     {"homediff_config": json.dumps(pipe.transformer.config.to_dict())})
+        out, staged = self.run_dir / "model", self.run_dir / "model.partial"
+        shutil.rmtree(staged, ignore_errors=True)
+        pipe.save_pretrained(staged)
+        replace_folder(staged, out)
+        write_atomically(self.run_dir / "model.safetensors", lambda path: save_tensors(
+            path, pipe.transformer.state_dict(),
+            {"homediff_config": json.dumps(pipe.transformer.config.to_dict())}))
         self.monitor.finish(self.progress)
         self.monitor.say(f"done: pipeline folder {out}, single file {self.run_dir / 'model.safetensors'}")
         return out

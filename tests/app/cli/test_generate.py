@@ -43,8 +43,8 @@ def test_one_image_with_settings_in_the_metadata(model_dir, tmp_path, capsys):
 def test_several_images_and_a_grid_repeat_with_the_seed(model_dir, tmp_path):
     assert generate(model_dir, tmp_path / "a", "--num", "3") == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["000.png", "001.png", "002.png", "grid.png"]
-    assert Image.open(tmp_path / "a" / "grid.png").size == (32, 32)
+    assert names == ["000.png", "001.png", "002.png", "grid-000.png"]
+    assert Image.open(tmp_path / "a" / "grid-000.png").size == (32, 32)
     assert generate(model_dir, tmp_path / "b.png", "--num", "3") == 0
     names = sorted(p.name for p in tmp_path.glob("b-*.png"))
     assert names == ["b-0.png", "b-1.png", "b-2.png", "b-grid.png"]
@@ -53,7 +53,7 @@ def test_several_images_and_a_grid_repeat_with_the_seed(model_dir, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--width", "30"], "width 30 is not a positive multiple of 4"),
-    (["--steps", "0"], "number of sampling steps must be a positive integer"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--cfg", "-2"], "guidance scale must be a number >= 0"),
     (["--sampler", "ddim"], "unknown sampler 'ddim'"),
 ])
@@ -74,3 +74,33 @@ def test_released_checkpoint_file(tmp_path, capsys):
                  "--text-encoder", str(files.text_encoder), "--vae", str(files.vae_config),
                  "--arch", str(files.arch), "--width", "32", "--height", "24", "--steps", "1"]) == 0
     assert Image.open(out).size == (32, 24)
+
+
+def test_nothing_is_overwritten_without_asking(model_dir, tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert generate(model_dir, folder, "--num", "2") == 0
+    first = (folder / "000.png").read_bytes()
+    assert generate(model_dir, folder, "--num", "2", "--seed", "8") == 0  # numbered after them
+    assert sorted(p.name for p in folder.iterdir()) == ["000.png", "001.png", "002.png", "003.png",
+                                                         "grid-000.png", "grid-002.png"]
+    assert (folder / "000.png").read_bytes() == first
+    single = tmp_path / "one.png"
+    assert generate(model_dir, single) == 0
+    before = single.read_bytes()
+    assert generate(model_dir, single, "--seed", "9") == 2
+    assert "one.png exists: pass --overwrite" in capsys.readouterr().err
+    assert single.read_bytes() == before
+    assert generate(model_dir, single, "--seed", "9", "--overwrite") == 0
+    assert single.read_bytes() != before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num", "100000000"], "100,000,000 images (--num) is over the limit of 256"),
+    (["--width", "65536", "--height", "65536"], "pixels per image is over the limit"),
+    (["--steps", "2000000000"], "sampling steps is over the limit of 1,000"),
+])
+def test_oversized_requests_are_refused_before_the_model_loads(tmp_path, capsys, extra, message):
+    """The model path does not exist: the limits are checked before anything is loaded."""
+    assert generate(tmp_path / "no-model", tmp_path / "x.png", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--force" in err

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a text-to-image diffusion model from scratch on hardware you own.")
     parser.add_argument("--version", action="version", version=f"homediff {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show informational logs")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of its one-line message")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(commands)
@@ -46,9 +48,21 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args) or 0
-    except HomediffError as err:
-        print(f"homediff: error: {err}", file=sys.stderr)
-        return 2
+    except (HomediffError, OSError, UnicodeError) as err:  # what a user can cause and fix
+        if args.debug:
+            raise
+        print(f"homediff: error: {one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, HomediffError) else 1
+    except KeyboardInterrupt as err:
+        print(f"homediff: stopped{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 130
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line, naming the file of an OSError."""
+    if isinstance(err, OSError) and err.filename and not isinstance(err, HomediffError):
+        return f"{err.filename}: {err.strerror or err}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

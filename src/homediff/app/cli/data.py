@@ -24,6 +24,11 @@ def register(commands) -> None:
     check.add_argument("--min-size", type=int, default=0, help="skip images whose short side is "
                        "smaller (default 0: upscale them)")
     check.add_argument("--max-pixels", type=int, help="refuse larger images (default 8192²)")
+    check.add_argument("--max-aspect", type=float,
+                       help="refuse images whose long side is more than this many times the short "
+                            "one (default 8)")
+    check.add_argument("--allow-outside-links", action="store_true",
+                       help="read files that links lead to outside the folder")
     check.add_argument("--skip-missing-captions", action="store_true",
                        help="count images without a caption file as unusable")
     check.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -64,14 +69,17 @@ def run_pack(args) -> int:
 
 def run_check(args) -> int:
     from homediff.data.check import check_folder, check_shards
-    from homediff.data.folder import scan_folder
+    from homediff.data.shards import dataset_kind
     from homediff.data.transform import DataConfig
 
     config = DataConfig(min_size=args.min_size,
                         missing_caption="skip" if args.skip_missing_captions else "empty")
     if args.max_pixels:
         config.max_pixels = args.max_pixels
-    if not scan_folder(args.dir) and any(args.dir.glob("*.tar")):
+    if args.max_aspect:
+        config.max_aspect = args.max_aspect
+    config.allow_outside_links = args.allow_outside_links
+    if dataset_kind(args.dir) == "shards":
         report = check_shards(args.dir, config, args.size)
     else:
         report = check_folder(args.dir, config, args.size, args.workers)

@@ -12,6 +12,7 @@ def register(commands) -> None:
                     "budget, and writes the pipeline, sample grids, a camera strip, the loss curve "
                     "and the evaluation report into --out.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     demo.add_argument("--minutes", type=float, default=15.0, help="training time budget")
     demo.add_argument("--data", type=Path, default=Path("data/emoji"), help="emoji set folder")
     demo.add_argument("--processes", type=int,
@@ -27,7 +28,7 @@ def run(args) -> int:
     from homediff.evaluation import markdown
 
     report = run_demo(args.out, args.minutes, args.data, overrides=args.overrides,
-                      processes=args.processes)
+                      processes=args.processes, overwrite=args.overwrite)
     print(markdown(report))
     print(f"trained {report['steps']} steps in {report['processes']} process(es); written:")
     for path in report["files"]:

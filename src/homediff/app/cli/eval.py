@@ -58,10 +58,9 @@ def _target(words: list[str]) -> tuple[str, Path]:
 
 
 def run(args) -> int:
-    import torch
-
     from homediff.evaluation import evaluate_fidelity, evaluate_shapes, markdown
     from homediff.pipeline import HomeDiffPipeline
+    from homediff.precision import resolve_device
 
     kind, model_dir = _target(args.target)
     settings = EvalSettings(per_caption=args.per_caption, seen=args.seen, heldout=args.heldout,
@@ -70,7 +69,7 @@ def run(args) -> int:
                             feature_size=args.feature_size, cache=not args.no_cache,
                             progress=True)
     settings.check()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     pipe = HomeDiffPipeline.from_pretrained(model_dir).to(device=device)
     out = args.out or model_dir.resolve().parent
     evaluate = evaluate_shapes if kind == "shapes" else evaluate_fidelity

@@ -13,7 +13,11 @@ def register(commands) -> None:
     gen.add_argument("--model", required=True, type=Path,
                      help="a saved pipeline folder, or a released HDM checkpoint file")
     gen.add_argument("--out", required=True, type=Path,
-                     help="a .png file (several images: NAME-0.png … and NAME-grid.png), or a folder")
+                     help="a .png file (several images: NAME-0.png … and NAME-grid.png), or a folder "
+                          "(images numbered after those already there)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing files at --out")
+    gen.add_argument("--force", action="store_true",
+                     help="generate beyond the limits on pixels, images and steps")
     gen.add_argument("--negative", default="", help="negative prompt")
     gen.add_argument("--steps", type=int, default=16, help="sampling steps (default 16)")
     gen.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default 3; 1 = none)")
@@ -40,9 +44,8 @@ def register(commands) -> None:
 
 
 def _pipeline(args):
-    import torch
-
     from homediff.pipeline import RELEASE_TEXT_ENCODER, RELEASE_VAE, HomeDiffPipeline
+    from homediff.precision import resolve_device
 
     if args.model.is_file():
         pipe = HomeDiffPipeline.from_hdm_release(
@@ -50,29 +53,67 @@ def _pipeline(args):
             vae=args.vae or RELEASE_VAE, arch=args.arch)
     else:
         pipe = HomeDiffPipeline.from_pretrained(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.to(device=device)
+    pipe.to(device=resolve_device(args.device))
     pipe.transformer.to(pipe.sampling_dtype(args.dtype))  # the autoencoder keeps float32
     return pipe
 
 
-def _paths(out: Path, count: int) -> tuple[list[Path], Path | None]:
-    """Image paths and, for several images, the grid's path."""
+#: Without --force: what a single run generates at most (a typo such as --num 100000000 or
+#: --width 65536 would otherwise allocate tens of GB before anything else fails).
+LIMITS = {"pixels": 4096 * 4096, "images": 256, "steps": 1000}
+
+
+def _check_limits(args) -> None:
+    from homediff.errors import ConfigError
+
+    for name, value in (("--steps", args.steps), ("--num", args.num), ("--width", args.width),
+                        ("--height", args.height)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if args.force:
+        return
+    pixels = (args.width or 1024) * (args.height or 1024)
+    for what, value, limit in (("pixels per image", pixels, LIMITS["pixels"]),
+                               ("images (--num)", args.num, LIMITS["images"]),
+                               ("sampling steps", args.steps, LIMITS["steps"])):
+        if value > limit:
+            raise ConfigError(f"{value:,} {what} is over the limit of {limit:,}: check the value, "
+                              "or pass --force")
+
+
+def _paths(out: Path, count: int, overwrite: bool) -> tuple[list[Path], Path | None]:
+    """Image paths and, for several images, the grid's path. In a folder, images are numbered
+    after the highest number already there (and the grid with them); a named file that exists
+    is an error without ``overwrite``."""
+    from homediff.errors import HomediffError
+
     if out.suffix.lower() == ".png":
-        if count == 1:
-            return [out], None
-        images = [out.with_name(f"{out.stem}-{i}.png") for i in range(count)]
-        return images, out.with_name(f"{out.stem}-grid.png")
-    return [out / f"{i:03d}.png" for i in range(count)], (out / "grid.png" if count > 1 else None)
+        images = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(count)]
+        grid = out.with_name(f"{out.stem}-grid.png") if count > 1 else None
+        taken = [p for p in [*images, grid] if p is not None and p.exists()]
+        if taken and not overwrite:
+            raise HomediffError(f"{taken[0]} exists: pass --overwrite to replace it, or give a folder "
+                                "as --out to number new images after the old ones")
+        return images, grid
+    used = [int(p.stem) for p in out.glob("*.png") if p.stem.isdigit()] if out.is_dir() else []
+    first = 0 if overwrite or not used else max(used) + 1
+    images = [out / f"{i:03d}.png" for i in range(first, first + count)]
+    grid = out / f"grid-{first:03d}.png" if count > 1 else None
+    return images, grid
 
 
 def run_generate(args) -> int:
     import torch
+
+    from homediff.precision import resolve_device
     from PIL.PngImagePlugin import PngInfo
 
     from homediff.figures import image_grid
 
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    _check_limits(args)
+    resolve_device(args.device)  # checked before the model loads
+    paths, grid_path = _paths(args.out, args.num, args.overwrite)  # checked before the model loads
     pipe = _pipeline(args)
     settings = {"negative_prompt": args.negative, "num_inference_steps": args.steps,
                 "guidance_scale": args.cfg, "height": args.height, "width": args.width,
@@ -82,7 +123,6 @@ def run_generate(args) -> int:
                   generator=torch.Generator().manual_seed(seed), **settings).images
     record = {"prompt": args.prompt, **settings, "seed": seed, "num_images": args.num,
               "model": str(args.model), "size": list(images[0].size)}
-    paths, grid_path = _paths(args.out, len(images))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for index, (image, path) in enumerate(zip(images, paths, strict=True)):
         info = PngInfo()

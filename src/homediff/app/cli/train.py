@@ -16,6 +16,9 @@ def register(commands) -> None:
                        help="change a config value, e.g. --set stages.0.lr=0.2 (repeatable)")
     train.add_argument("--resume", nargs="?", const="latest", metavar="PATH|latest",
                        help="continue from a checkpoint folder, or the run's latest")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start again in a run folder that holds another run (deletes its "
+                            "checkpoints, logs, samples and model)")
     train.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps")
     train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     train.add_argument("--minutes", type=float,
@@ -30,7 +33,7 @@ def run(args) -> int:
 
     config = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / args.config.stem
-    result = train(config, out, resume=args.resume, max_steps=args.max_steps,
+    result = train(config, out, resume=args.resume, max_steps=args.max_steps, overwrite=args.overwrite,
                    checkpoint_every=args.checkpoint_every,
                    time_budget=args.minutes * 60 if args.minutes is not None else None)
     if result is not None:
