@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from train_helpers import (assert_trained_alike, square_folder, text_encoder_folder, tiny_config,
                            train_recording)
 
-from homediff.training.checkpoint import list_checkpoints
+from homediff.training.checkpoint import Checkpoint, list_checkpoints
 
 STAGE = {"resolution": 8, "steps": 4, "lr": 0.1, "tread_rate": 0.5}
 
@@ -45,6 +45,9 @@ def test_two_processes_train_as_one_with_their_batches_together(tmp_path, optimi
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
         "step-00000002", "step-00000004"]
     assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+    saved = Checkpoint.load(tmp_path / "run" / "checkpoints" / "step-00000004").rng
+    assert len(saved) == 2  # each process resumes its own noise, times and routing
+    assert not torch.equal(saved[0]["generator"], saved[1]["generator"])
 
     config = tiny_config(data, text, stages=[{**STAGE, "batch_size": 4}], optimizer=optimizer)
     one = train_recording(config, tmp_path / "one")
