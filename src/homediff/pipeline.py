@@ -39,7 +39,7 @@ from homediff.encoders.text import TextEncoder
 from homediff.errors import CheckpointError, ConfigError
 from homediff.geometry import camera as camera_edit
 from homediff.geometry import canonical_grid
-from homediff.models import XUT, XUTConfig, load_hdm_state_dict
+from homediff.models import XUT, XUTConfig, load_hdm_state_dict, lora
 from homediff.models.release import arch_config, read_state_dict
 from homediff.precision import choose_matmul_dtype
 
@@ -64,7 +64,9 @@ class HomeDiffPipeline:
     """Text encoder + XUT backbone + sampler + autoencoder. ``sample_size``: default image side."""
 
     def __init__(self, transformer: XUT, text_encoder: TextEncoder, vae: Autoencoder,
-                 sample_size: int = 256):
+                 sample_size: int = 256, adapters: dict | None = None):
+        """``adapters``: the LoRA settings of adapters the transformer already holds, by name
+        (they are used at scale 1)."""
         config = transformer.config
         if text_encoder.dim != config.ctx_dim:
             raise ConfigError(f"the text encoder gives {text_encoder.dim}-d states but the "
@@ -77,6 +79,10 @@ class HomeDiffPipeline:
         self.vae = vae.eval()
         self.sample_size = sample_size
         self._progress: dict = {}
+        self.lora_scales: dict[str, float] = {}  # the adapters loaded, in order, and their scales
+        self._lora_settings: dict = dict(adapters or {})
+        if adapters:
+            self.set_adapters(list(adapters))
 
     @property
     def device(self) -> torch.device:
@@ -166,6 +172,22 @@ class HomeDiffPipeline:
         draw_device = generator.device if generator is not None else torch.device("cpu")
         return torch.randn(shape, generator=generator, device=draw_device).to(self.device)
 
+    def memory_estimate(self, height: int, width: int, images: int, guidance_scale: float = 3.0) -> int:
+        """Bytes a call needs beyond the weights, roughly, from the shapes alone: the larger of the
+        transformer's widest layer over the whole batch (both branches with guidance: attention
+        scores when the attention kernel materialises them, MLP activations, a few residual
+        copies) and the decoder's widest feature maps (128 channels at full resolution, three alive
+        at once, for a VAE; the image itself for pixels)."""
+        cfg = self.transformer.config
+        side = self.vae.factor * cfg.patch_size
+        tokens = (height // side) * (width // side) + self.text_encoder.config.max_length
+        batch = images * (2 if guidance_scale != 1 else 1)
+        heads = cfg.dim // cfg.head_dim
+        layer = batch * (heads * tokens * tokens + tokens * (cfg.mlp_dim + 4 * cfg.dim)) * 4
+        channels = 3 if self.vae.factor == 1 and self.vae.channels <= 12 else 3 * 128
+        decode = images * height * width * channels * 4
+        return max(layer, decode)
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 16,
@@ -220,12 +242,66 @@ class HomeDiffPipeline:
 
     # --- saving and loading -------------------------------------------------------------------
 
+    # -- LoRA adapters, in diffusers' names --------------------------------------------------
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str | None = None,
+                          scale: float = 1.0) -> str:
+        """Add the adapter in ``path`` (a homediff LoRA file) at ``scale``, beside any loaded
+        before; returns its name (default ``adapter_N``)."""
+        settings, state = lora.read_adapter(path)
+        name = adapter_name or f"adapter_{len(self.lora_scales)}"
+        if lora.is_fused(self.transformer):
+            raise ConfigError("adapters are fused: unfuse_lora() before loading another")
+        lora.add_adapter(self.transformer, settings, name)
+        lora.load_adapter_state(self.transformer, state, name, str(path))
+        self.transformer.requires_grad_(False)
+        self._lora_settings[name] = settings
+        self.set_adapters(list(self.lora_scales) + [name], list(self.lora_scales.values()) + [scale])
+        return name
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights=None) -> None:
+        """Use exactly these adapters, at these scales (default 1 each)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = [1.0] * len(names) if adapter_weights is None else (
+            [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else list(adapter_weights))
+        unknown = sorted(set(names) - set(self._lora_settings))
+        if unknown or len(weights) != len(names):
+            raise ConfigError(f"set_adapters: unknown adapters {unknown} or {len(weights)} weights "
+                              f"for {len(names)} names (loaded: {list(self._lora_settings)})")
+        self.lora_scales = dict(zip(names, map(float, weights)))
+        lora.set_scales(self.transformer, self.lora_scales)
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self.lora_scales)
+
+    def fuse_lora(self) -> None:
+        """Add the active adapters into the transformer's weights (faster sampling)."""
+        lora.fuse(self.transformer, list(self.lora_scales))
+
+    def unfuse_lora(self) -> None:
+        lora.unfuse(self.transformer)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter (fused ones stay in the weights, as in diffusers)."""
+        lora.remove_adapters(self.transformer)
+        self.lora_scales, self._lora_settings = {}, {}
+
+    # -- folders -----------------------------------------------------------------------------
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the pipeline folder: model_index.json and one sub-folder per component."""
+        """Write the pipeline folder: model_index.json and one sub-folder per component; loaded
+        adapters go to ``lora/NAME.safetensors`` and are applied again by ``from_pretrained``."""
+        if lora.is_fused(self.transformer):
+            raise ConfigError("adapters are fused: unfuse_lora() first, or unload_lora_weights() "
+                              "to keep the fused weights as the model")
         directory = Path(directory)
         (directory / "transformer").mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.transformer.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in lora.base_state(self.transformer).items()}
         save_file(state, str(directory / "transformer" / WEIGHTS))
+        if self._lora_settings:
+            (directory / "lora").mkdir(exist_ok=True)
+            for name, settings in self._lora_settings.items():
+                lora.save_adapter(directory / "lora" / f"{name}.safetensors", self.transformer, settings, name)
         (directory / "transformer" / "config.json").write_text(
             json.dumps(self.transformer.config.to_dict(), indent=1))
         self.text_encoder.save_pretrained(directory / "text_encoder")
@@ -234,6 +310,9 @@ class HomeDiffPipeline:
                  "sample_size": self.sample_size, "transformer": ["homediff", "XUT"],
                  "text_encoder": ["homediff", "TextEncoder"],
                  "vae": ["homediff", type(self.vae).__name__]}
+        if self._lora_settings:
+            index["lora"] = [{"name": name, "file": f"lora/{name}.safetensors",
+                              "scale": self.lora_scales.get(name, 0.0)} for name in self._lora_settings]
         (directory / INDEX).write_text(json.dumps(index, indent=1))
 
     @classmethod
@@ -259,6 +338,8 @@ class HomeDiffPipeline:
         transformer = load_hdm_state_dict(XUT(config), state, str(directory / "transformer"))
         pipe = cls(transformer, TextEncoder.from_pretrained(directory / "text_encoder"),
                    load_autoencoder(directory / "vae"), sample_size=index.get("sample_size", 256))
+        for entry in index.get("lora", []):
+            pipe.load_lora_weights(directory / entry["file"], entry["name"], entry["scale"])
         return pipe.to(device=device, dtype=dtype)
 
     @classmethod

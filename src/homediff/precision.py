@@ -203,6 +203,17 @@ def check_autocast(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
                          grad_cosine=torch.nn.functional.cosine_similarity(grad32, grad16, dim=0).item())
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or the system's available
+    memory for a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def resolve_device(name: str | None) -> torch.device:
     """The device a user named (``None``: CUDA when there is one, else the CPU), checked to exist
     here; a wrong or missing device is a ``ConfigError`` that says what there is."""

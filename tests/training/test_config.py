@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from homediff.errors import ConfigError
@@ -137,3 +139,24 @@ max_length = 20
 def test_keys_that_training_would_ignore_are_refused(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, MINIMAL), [override])
+
+
+def test_init_and_lora_sections_read_and_save_back(tmp_path):
+    text = MINIMAL + '\n[init]\nfrom = "runs/emoji/model"\n\n[lora]\nrank = 8\ntargets = ["attention", "text"]\n'
+    config = load_config(write(tmp_path, text))
+    assert config.init.from_ == "runs/emoji/model" and config.lora.rank == 8 and config.lora.alpha is None
+    saved = to_toml(config)
+    assert 'from = "runs/emoji/model"' in saved and "from_" not in saved
+    assert load_config(write(tmp_path, saved)) == config
+    assert load_config(write(tmp_path, MINIMAL), ["init.from=elsewhere"]).init.from_ == "elsewhere"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('[lora]\nrank = 4\ntargets = ["everything"]', "lora.targets must be some of attention"),
+    ('[lora]\nrank = -1', "lora.rank must be >= 0"),
+    ('[lora]\nrank = 4\n[optimizer]\nname = "muon"', 'LoRA trains with optimizer.name = "adamw"'),
+    ('[init]\nfrm = "x"', "unknown config key init.frm (known keys here: from, arch)"),
+])
+def test_bad_init_and_lora_values_are_named(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, MINIMAL + "\n" + extra + "\n"))

@@ -2,8 +2,8 @@
 
 Backbone keys come bare or under the prefixes ``unet.model.`` (single-file release and Lightning
 checkpoints) or ``model.`` (a diffusers transformer folder). The VAE (``vae.*``, ``vae_mean``,
-``vae_std``), the text encoder (``te.*``) and LyCORIS weights are skipped here: other components
-load them.
+``vae_std``) and the text encoder (``te.*``) are skipped here: other components load them. A file
+with LyCORIS tensors (``lycoris_model.*``) is refused with a message that names its kind.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from homediff.models.xut import XUT, XUTConfig
 logger = logging.getLogger(__name__)
 
 BACKBONE_PREFIXES = ("unet.model.", "model.", "")
-OTHER_COMPONENTS = ("vae.", "te.", "lycoris_model.", "vae_mean", "vae_std")
+OTHER_COMPONENTS = ("vae.", "te.", "vae_mean", "vae_std")
 # A function of the width only, recomputed in float32 (released files hold a float16 copy).
 DERIVED_BUFFERS = ("time_emb.freqs",)
 
@@ -43,8 +43,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+LYCORIS_KINDS = {"lora_down": "LoCon", "hada_w1_a": "LoHa", "lokr_w1": "LoKr"}
+
+
+def refuse_lycoris(state: dict[str, torch.Tensor], source: str) -> None:
+    """A file with LyCORIS tensors (``lycoris_model.*``) is refused, naming what it holds: using
+    the backbone without them would silently give the base model's images."""
+    keys = [k for k in state if k.startswith("lycoris_model.")]
+    if not keys:
+        return
+    kinds = sorted({kind for k in keys for part, kind in LYCORIS_KINDS.items() if part in k}) or ["unknown"]
+    raise CheckpointError(f"{source} holds a LyCORIS fine-tune ({', '.join(kinds)}: {len(keys)} tensors "
+                          "under lycoris_model.*), which homediff does not apply; merge it into the "
+                          "backbone with the LyCORIS tools first (without it, the images would be the "
+                          "base model's)")
+
+
 def _strip_prefix(state: dict[str, torch.Tensor], expected: set[str], source: str) -> dict:
     """The backbone's tensors under their bare names, after dropping other components' keys."""
+    refuse_lycoris(state, source)
     skipped = [k for k in state if k.startswith(OTHER_COMPONENTS)]
     if skipped:
         logger.info("%s: ignoring %d tensors of other components (vae.*, te.*, vae_mean, vae_std)",

@@ -88,9 +88,11 @@ def write_checkpoint(root: str | Path, step: int, writers: dict[str, Callable[[P
 
 
 def _fingerprint(path: Path) -> dict:
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
-    return {"bytes": path.stat().st_size, "sha256": digest}
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def verify_checkpoint(path: str | Path) -> None:

@@ -18,9 +18,10 @@ from torch import nn
 
 from homediff.encoders.autoencoders import load_autoencoder
 from homediff.encoders.text import TextEncoder
-from homediff.models import XUT, XUTConfig
+from homediff.models import XUT, XUTConfig, lora
 from homediff.training.batches import BatchStream
 from homediff.training.config import StageConfig, TrainConfig
+from homediff.training.init import init_autoencoder, init_text_encoder, load_backbone
 from homediff.training.monitor import Monitor
 from homediff.training.objective import training_loss
 from homediff.training.optim import EMA, MuonAdamW, mark_muon_groups, parameter_groups
@@ -38,27 +39,47 @@ class Components:
 
 
 def build_text_encoder(config: TrainConfig, device: torch.device) -> TextEncoder:
-    options = dataclasses.asdict(config.text_encoder.options)
-    return TextEncoder.from_pretrained(config.text_encoder.name, **options).to(device)
+    """The config's text encoder, or the ``init.from`` one (see ``training.init``)."""
+    encoder = init_text_encoder(config)
+    if encoder is None:
+        options = dataclasses.asdict(config.text_encoder.options)
+        encoder = TextEncoder.from_pretrained(config.text_encoder.name, **options)
+    return encoder.to(device)
 
 
 def build_autoencoder(config: TrainConfig, device: torch.device) -> nn.Module:
-    section = config.autoencoder
-    options = {"factor": section.factor} if section.name == "pixel" else {}
-    return load_autoencoder(section.name, **options).to(device)
+    """The config's autoencoder, or the ``init.from`` one."""
+    autoencoder = init_autoencoder(config)
+    if autoencoder is None:
+        section = config.autoencoder
+        options = {"factor": section.factor} if section.name == "pixel" else {}
+        autoencoder = load_autoencoder(section.name, **options)
+    return autoencoder.to(device)
 
 
 def build_model(config: TrainConfig, text_encoder: TextEncoder, autoencoder: nn.Module,
                 device: torch.device) -> XUT:
-    """A freshly initialised backbone of the configured preset, sized to the encoders."""
+    """The backbone of the configured preset, sized to the encoders: freshly initialised, or
+    holding the ``init.from`` weights; with ``[lora]``, adapters are added and only they train."""
     model_config = XUTConfig.preset(config.model.preset, **{
         "in_channels": autoencoder.channels, "ctx_dim": text_encoder.dim,
         "gradient_checkpointing": config.train.gradient_checkpointing, **config.model.overrides})
-    return XUT(model_config).to(device)
+    model = XUT(model_config)
+    if config.init.from_:
+        load_backbone(model, config)
+    if config.lora.rank:
+        lora.add_adapter(model, lora_settings(config))
+    return model.to(device)
+
+
+def lora_settings(config: TrainConfig) -> lora.LoraSettings:
+    section = config.lora
+    return lora.LoraSettings(rank=section.rank, alpha=section.alpha or float(section.rank),
+                             dropout=section.dropout, targets=tuple(section.targets))
 
 
 def build_ema(config: TrainConfig, model: nn.Module) -> EMA | None:
-    """The EMA of ``model``'s weights, beside them (build it after the model has moved)."""
+    """The EMA of ``model``'s trained weights, beside them (build it after the model has moved)."""
     return EMA(model, config.ema.decay) if config.ema.enabled else None
 
 

@@ -10,6 +10,7 @@ imports neither torch nor Pillow.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import sys
 import types
 import typing
@@ -109,6 +110,39 @@ class EMASection:
 
 
 @dataclass
+class InitSection:
+    """Start from saved weights (``[init] from = PATH``, a keyword, so ``from_`` here): a homediff
+    pipeline folder (its text encoder and autoencoder come too), a homediff ``model.safetensors``,
+    a released HDM file or a Lightning checkpoint (``arch``: its arch JSON, default XUT-base)."""
+
+    from_: str = ""
+    arch: str = ""
+
+
+#: The layers a LoRA adapter can target, by the names ``models.lora.TARGET_PATTERNS`` matches.
+LORA_TARGETS = ("attention", "cross_attention", "mlp", "adaln", "text")
+
+
+@dataclass
+class LoraSection:
+    """Train LoRA adapters instead of the whole backbone (``rank`` 0: off). ``alpha`` None is
+    ``rank`` (scale 1)."""
+
+    rank: int = 0
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attention", "cross_attention", "mlp"])
+
+    def __post_init__(self):
+        _require(self.rank >= 0, "rank", f"must be >= 0, got {self.rank}")
+        _require(self.alpha is None or self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        _require(bool(self.targets) and not unknown, "targets",
+                 f"must be some of {', '.join(LORA_TARGETS)}, got {self.targets}")
+
+
+@dataclass
 class StageConfig:
     """One stage of progressive training; a stage runs ``steps`` optimiser steps or ``epochs``."""
 
@@ -188,6 +222,8 @@ class TrainConfig:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     ema: EMASection = field(default_factory=EMASection)
     train: TrainSection = field(default_factory=TrainSection)
+    init: InitSection = field(default_factory=InitSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self):
@@ -197,6 +233,9 @@ class TrainConfig:
                              ("gradient_checkpointing", "train.gradient_checkpointing")):
             if key in self.model.overrides:
                 raise ConfigError(f"model.overrides.{key} is not read in training: set {instead}")
+        if self.lora.rank and self.optimizer.name != "adamw":
+            raise ConfigError("LoRA trains with optimizer.name = \"adamw\" (Muon orthogonalises "
+                              "whole matrices, not low-rank factors)")
         if self.train.cache_text and self.text_encoder.options.padding != "max_length":
             raise ConfigError("train.cache_text needs text_encoder.options.padding = \"max_length\"")
         for stage in self.stages:
@@ -241,9 +280,11 @@ def _from_dict(cls, values: dict, where: str = ""):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     prefix = f"{where}." if where else ""
+    values = {f"{k}_" if keyword.iskeyword(k) else k: v for k, v in values.items()}  # from → from_
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys here: {', '.join(names)})")
+        shown = [n[:-1] if keyword.iskeyword(n[:-1]) else n for n in names]
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys here: {', '.join(shown)})")
     try:
         return cls(**{k: _build(hints[k], v, prefix + k) for k, v in values.items()})
     except InvalidValue as err:
@@ -311,12 +352,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raise ConfigError(f"{path}: {err}") from err
 
 
+def parse_toml(text: str) -> dict:
+    return tomllib.loads(text)
+
+
 def to_dict(config) -> dict:
     """The config as plain tables; a training config leaves out ``dataset.options.size``, which each
     stage's resolution sets."""
     tables = dataclasses.asdict(config)
     if isinstance(config, TrainConfig):
         del tables["dataset"]["options"]["size"]
+        tables["init"]["from"] = tables["init"].pop("from_")
+        if tables["lora"]["alpha"] is None:
+            del tables["lora"]["alpha"]
     return tables
 
 

@@ -20,6 +20,7 @@ the cosine learning-rate schedule follows the new length.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -28,7 +29,6 @@ import os
 import shutil
 import signal
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,13 +38,13 @@ from homediff import precision
 from homediff.caching import TensorShards
 from homediff.atomic import replace_folder, write_atomically
 from homediff.errors import CheckpointError, ConfigError, HomediffError
-from homediff.models import XUT
+from homediff.models import XUT, lora
 from homediff.models.flops import train_step_flops
 from homediff.models.layers import Block
 from homediff.training import sharding
 from homediff.training.checkpoint import Checkpoint, list_checkpoints, rng_state, save_tensors, set_rng_state
-from homediff.training.components import Builders, Components
-from homediff.training.config import StageConfig, TrainConfig, to_toml
+from homediff.training.components import Builders, Components, lora_settings
+from homediff.training.config import StageConfig, TrainConfig, parse_toml, to_toml
 from homediff.training.objective import LossSettings
 from homediff.training.optim import full_tensor, lr_multiplier, set_lr
 from homediff.training.precisions import accelerator_precision, choose_precisions
@@ -52,7 +52,8 @@ from homediff.training.precisions import accelerator_precision, choose_precision
 logger = logging.getLogger(__name__)
 
 REFIT_EVERY = 10
-RUN_OUTPUTS = ("checkpoints", "logs", "samples", "model", "model.safetensors", "loss.png")
+RUN_OUTPUTS = ("checkpoints", "logs", "samples", "model", "model.safetensors", "lora.safetensors",
+               "loss.png")
 
 
 class TrainingStopped(HomediffError):
@@ -112,9 +113,9 @@ class Trainer:
                                            saved.precision if saved else None, agree=self._mean)
         self.fsdp = sharding.requested()
         if self.fsdp:
-            if config.optimizer.name == "muon":
-                raise ConfigError("Muon orthogonalises whole matrices and FSDP splits them between "
-                                  "processes: use optimizer.name = \"adamw\" with FSDP")
+            if config.optimizer.name == "muon" or config.lora.rank:
+                raise ConfigError("FSDP trains whole backbones with AdamW: Muon orthogonalises "
+                                  "whole matrices and LoRA trains too few weights to shard")
             model = sharding.shard(model, self.device, Block)
         self.ema = builders.ema(config, model)  # under FSDP over the shards: each averages its own
         self.model = model if self.fsdp else self.accelerator.prepare_model(model)
@@ -158,7 +159,7 @@ class Trainer:
                   if saved.model_config.get(k) != v]
         problems = [f"the model differs ({', '.join(differ)})"] if differ else []
         index = saved.progress["stage"]
-        before = tomllib.loads(saved.config).get("stages", [])
+        before = parse_toml(saved.config).get("stages", [])
         if index < min(len(before), len(self.config.stages)):
             for key in ("batch_size", "grad_accum"):
                 old, new = before[index].get(key, 1), getattr(self.config.stages[index], key)
@@ -401,7 +402,7 @@ class Trainer:
         within = self.progress.stage == stage  # at a stage's end the next builds its own of both
         checkpoint = Checkpoint(
             progress=dataclasses.asdict(self.progress), precision=self.precision,
-            model=sharding.model_state(self.unwrapped, self.fsdp),
+            model=self._trained_state(),
             model_config=self.unwrapped.config.to_dict(), config=to_toml(self.config),
             optimizer={"optimizer": optimizer_state if within else None,
                        "scaler": scaler.state_dict() if scaler else None},
@@ -417,10 +418,24 @@ class Trainer:
             self.monitor.checkpoint_line(path, self.progress, stage)
         return path
 
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the model: all of it, or a LoRA run's adapters."""
+        state = sharding.model_state(self.unwrapped, self.fsdp)
+        if not self.config.lora.rank:
+            return state
+        trained = {name for name, p in self.unwrapped.named_parameters() if p.requires_grad}
+        return {name: value for name, value in state.items() if name in trained}
+
     def _restore(self, checkpoint: Checkpoint, path: Path) -> dict:
         """Load a checkpoint's weights, progress and random states; returns what the stage's
         optimiser and data stream restore when they exist."""
-        sharding.load_model_state(self.unwrapped, checkpoint.model, self.fsdp)
+        if self.config.lora.rank:  # the adapters; the base weights came from init.from
+            expected = set(self._trained_state())
+            if set(checkpoint.model) != expected:
+                raise CheckpointError(f"{path}: its adapter weights do not fit the config's [lora]")
+            self.unwrapped.load_state_dict(checkpoint.model, strict=False)
+        else:
+            sharding.load_model_state(self.unwrapped, checkpoint.model, self.fsdp)
         if self.ema and checkpoint.ema:
             self.ema.load_state_dict(checkpoint.ema)
         self.progress = Progress(**checkpoint.progress)
@@ -434,19 +449,23 @@ class Trainer:
     # -- samples and export ------------------------------------------------------------------
 
     def _final_weights(self) -> dict[str, torch.Tensor]:
-        """The EMA weights (or the raw ones), whole: under FSDP every process must call this."""
-        return self.ema.state_dict()["shadow"] if self.ema else sharding.model_state(self.unwrapped,
-                                                                                      self.fsdp)
+        """The model's weights with the EMA's averages in place of the trained ones, whole: under
+        FSDP every process must call this."""
+        weights = sharding.model_state(self.unwrapped, self.fsdp)
+        return {**weights, **self.ema.state_dict()["shadow"]} if self.ema else weights
 
     def pipeline(self, weights: dict[str, torch.Tensor] | None = None):
         """A pipeline over a copy of the model holding ``weights``, by default ``_final_weights``."""
         from homediff.pipeline import HomeDiffPipeline
 
-        model = XUT(self.unwrapped.config).to(self.device)
-        model.load_state_dict(self._final_weights() if weights is None else weights)
+        model = XUT(self.unwrapped.config)
+        adapters = {"default": lora_settings(self.config)} if self.config.lora.rank else {}
+        for name, settings in adapters.items():
+            lora.add_adapter(model, settings, name)
+        model.to(self.device).load_state_dict(self._final_weights() if weights is None else weights)
         stage = self.config.stages[min(self.progress.stage, len(self.config.stages) - 1)]
         return HomeDiffPipeline(model.eval(), self.text_encoder, self.autoencoder,
-                                sample_size=stage.resolution)
+                                sample_size=stage.resolution, adapters=adapters)
 
     def sample(self) -> None:
         if not self.config.train.sample_prompts:
@@ -466,9 +485,15 @@ class Trainer:
         shutil.rmtree(staged, ignore_errors=True)
         pipe.save_pretrained(staged)
         replace_folder(staged, out)
+        backbone = pipe.transformer
+        if self.config.lora.rank:  # the adapter alone, and the backbone with it fused
+            write_atomically(self.run_dir / "lora.safetensors", lambda path: lora.save_adapter(
+                path, pipe.transformer, lora_settings(self.config)))
+            backbone = copy.deepcopy(pipe.transformer)
+            lora.fuse(backbone)
+            lora.remove_adapters(backbone)
         write_atomically(self.run_dir / "model.safetensors", lambda path: save_tensors(
-            path, pipe.transformer.state_dict(),
-            {"homediff_config": json.dumps(pipe.transformer.config.to_dict())}))
+            path, backbone.state_dict(), {"homediff_config": json.dumps(backbone.config.to_dict())}))
         self.monitor.finish(self.progress)
         self.monitor.say(f"done: pipeline folder {out}, single file {self.run_dir / 'model.safetensors'}")
         return out

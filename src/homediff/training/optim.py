@@ -169,8 +169,10 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, multiplier: float) 
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers are copied), kept in float32 on
-    the model's device: build it after the model has moved there. Built over a model sharded by
+    """Exponential moving average of a model's trained parameters (those that require gradients:
+    all of them, or only the adapters of a LoRA run), kept in float32 on the model's device: build
+    it after the model has moved there. Buffers and frozen weights are the model's own. Built over
+    a model sharded by
     FSDP, each process averages its own shards; ``state_dict`` and ``copy_to`` gather them, so
     every process must call those.
 
@@ -180,8 +182,9 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.999):
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-        self.parameter_names = [name for name, _ in model.named_parameters()]
+        self.parameter_names = [name for name, p in model.named_parameters() if p.requires_grad]
+        state = model.state_dict()
+        self.shadow = {name: state[name].detach().clone().float() for name in self.parameter_names}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -189,12 +192,11 @@ class EMA:
         state = model.state_dict()
         torch._foreach_lerp_([self.shadow[name] for name in self.parameter_names],
                              [state[name].float() for name in self.parameter_names], 1 - decay)
-        for name in self.shadow.keys() - set(self.parameter_names):
-            self.shadow[name].copy_(state[name])
         self.updates += 1
 
     def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict(self.state_dict()["shadow"])  # load_state_dict casts to the model's dtypes
+        """Load the averages into ``model`` (cast to its dtypes); its other tensors stay."""
+        model.load_state_dict(self.state_dict()["shadow"], strict=False)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates,

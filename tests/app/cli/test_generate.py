@@ -104,3 +104,19 @@ def test_oversized_requests_are_refused_before_the_model_loads(tmp_path, capsys,
     assert generate(tmp_path / "no-model", tmp_path / "x.png", *extra) == 2
     err = capsys.readouterr().err
     assert message in err and "--force" in err
+
+
+def test_a_request_beyond_free_memory_is_refused_unless_forced(model_dir, tmp_path, capsys, monkeypatch):
+    from homediff import precision
+
+    pipe = HomeDiffPipeline.from_pretrained(model_dir)
+    one = pipe.memory_estimate(16, 16, 1)
+    assert pipe.memory_estimate(16, 16, 2) == 2 * one  # linear in the images
+    assert pipe.memory_estimate(32, 32, 1) > one  # grows with the pixels
+    assert pipe.memory_estimate(16, 16, 1, guidance_scale=1) <= one  # one branch
+    monkeypatch.setattr(precision, "available_memory", lambda device: one - 1)
+    assert generate(model_dir, tmp_path / "x.png", "--width", "16", "--height", "16") == 2
+    err = capsys.readouterr().err
+    assert "1 image(s) of 16x16 need about" in err and "GiB is free on cpu" in err and "--force" in err
+    assert not (tmp_path / "x.png").exists()
+    assert generate(model_dir, tmp_path / "x.png", "--width", "16", "--height", "16", "--force") == 0

@@ -32,6 +32,8 @@ def register(commands) -> None:
                      help="routing rates of the conditional and unconditional branch (0 = none)")
     gen.add_argument("--sampler", default="euler", help="euler (default) or heun")
     gen.add_argument("--shift", type=float, default=1.0, help="time-grid shift (1 = uniform)")
+    gen.add_argument("--lora", action="append", default=[], type=_lora_spec, metavar="PATH[:SCALE]",
+                     help="apply a LoRA adapter file at SCALE (default 1); repeatable")
     gen.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
     gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                      help="the transformer's precision (default auto: bfloat16 where this device "
@@ -41,6 +43,15 @@ def register(commands) -> None:
     release.add_argument("--vae", help="VAE folder or hub id (default KBlueLeaf/EQ-SDXL-VAE)")
     release.add_argument("--arch", help="the checkpoint's HDM arch JSON (default XUT-base)")
     gen.set_defaults(run=run_generate)
+
+
+def _lora_spec(text: str) -> tuple[Path, float]:
+    """``PATH`` or ``PATH:SCALE``."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
 
 
 def _pipeline(args):
@@ -53,6 +64,8 @@ def _pipeline(args):
             vae=args.vae or RELEASE_VAE, arch=args.arch)
     else:
         pipe = HomeDiffPipeline.from_pretrained(args.model)
+    for path, scale in args.lora:
+        pipe.load_lora_weights(path, scale=scale)
     pipe.to(device=resolve_device(args.device))
     pipe.transformer.to(pipe.sampling_dtype(args.dtype))  # the autoencoder keeps float32
     return pipe
@@ -81,6 +94,19 @@ def _check_limits(args) -> None:
                               "or pass --force")
 
 
+def _check_memory(pipe, args) -> None:
+    """Refuse a request whose estimated memory exceeds what is free (unless --force)."""
+    from homediff.errors import ConfigError
+    from homediff.precision import available_memory
+
+    height, width = args.height or pipe.sample_size, args.width or pipe.sample_size
+    need, free = pipe.memory_estimate(height, width, args.num, args.cfg), available_memory(pipe.device)
+    if need > free and not args.force:
+        raise ConfigError(f"{args.num} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB "
+                          f"beyond the weights and {free / 2**30:.1f} GiB is free on {pipe.device}: "
+                          "ask for fewer or smaller images, or pass --force")
+
+
 def _paths(out: Path, count: int, overwrite: bool) -> tuple[list[Path], Path | None]:
     """Image paths and, for several images, the grid's path. In a folder, images are numbered
     after the highest number already there (and the grid with them); a named file that exists
@@ -104,17 +130,17 @@ def _paths(out: Path, count: int, overwrite: bool) -> tuple[list[Path], Path | N
 
 def run_generate(args) -> int:
     import torch
-
-    from homediff.precision import resolve_device
     from PIL.PngImagePlugin import PngInfo
 
     from homediff.figures import image_grid
+    from homediff.precision import resolve_device
 
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     _check_limits(args)
     resolve_device(args.device)  # checked before the model loads
     paths, grid_path = _paths(args.out, args.num, args.overwrite)  # checked before the model loads
     pipe = _pipeline(args)
+    _check_memory(pipe, args)
     settings = {"negative_prompt": args.negative, "num_inference_steps": args.steps,
                 "guidance_scale": args.cfg, "height": args.height, "width": args.width,
                 "camera": {"zoom": args.zoom, "x_shift": args.x_shift, "y_shift": args.y_shift},
@@ -122,6 +148,7 @@ def run_generate(args) -> int:
     images = pipe(args.prompt, num_images_per_prompt=args.num,
                   generator=torch.Generator().manual_seed(seed), **settings).images
     record = {"prompt": args.prompt, **settings, "seed": seed, "num_images": args.num,
+              "lora": [[str(path), scale] for path, scale in args.lora],
               "model": str(args.model), "size": list(images[0].size)}
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for index, (image, path) in enumerate(zip(images, paths, strict=True)):
