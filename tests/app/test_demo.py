@@ -16,8 +16,11 @@ from homediff.training.loop import Trainer
 
 
 def test_packaged_recipes_load():
-    for name in ("tiny-emoji", "tiny-shapes", "hdm-xut-base"):
+    for name in ("tiny-emoji", "tiny-shapes", "hdm-xut-base", "finetune-lora-emoji", "hdm-finetune-lora"):
         assert load_config(recipe(name)).stages
+    tiny, finetune = load_config(recipe("tiny-emoji")), load_config(recipe("finetune-lora-emoji"))
+    for section in ("model", "text_encoder", "autoencoder"):  # the demo model's own shape
+        assert getattr(finetune, section) == getattr(tiny, section), section
 
 
 def test_fit_to_budget_sets_the_stage_length(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tiny_components import RELEASE_MEAN, hdm_release
 from train_helpers import COLOURS, square_folder, text_encoder_folder, tiny_config
 
 from homediff.errors import CheckpointError
@@ -141,3 +142,23 @@ def mean_image(folder: Path, pattern: str = "*.png") -> torch.Tensor:
 
 def distance(generated: torch.Tensor, reference: torch.Tensor) -> float:
     return (generated - reference).square().mean().item()
+
+
+def test_a_finetune_can_start_from_a_released_hdm_file(tmp_path):
+    """The release layout (backbone under unet.model., VAE and text-encoder tensors beside it): the
+    trainer's backbone, text encoder and autoencoder hold the file's weights."""
+    files = hdm_release(tmp_path)
+    overrides = {"patch_size": 2, "dim": 128, "head_dim": 32, "mlp_dim": 320, "depth": 2, "enc_blocks": 1,
+                 "dec_blocks": 2, "tread_pre_blocks": 1, "tread_post_blocks": 1, "skip": "last",
+                 "pooled_text": False, "aspect_embedding": True}
+    config = tiny_config(square_folder(tmp_path / "squares"), files.text_encoder,
+                         model={"preset": "xut-tiny", "overrides": overrides},
+                         autoencoder={"name": str(files.vae_config)},
+                         init={"from": str(files.checkpoint), "arch": str(files.arch)},
+                         stages=[{"resolution": 32, "batch_size": 2, "steps": 1}])
+    trainer = Trainer(config, tmp_path / "run")
+    state = trainer.unwrapped.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in files.backbone.items() if k in state)
+    te = trainer.text_encoder.model.state_dict()
+    assert all(torch.equal(te[k], v) for k, v in files.te.items())
+    assert trainer.autoencoder.mean.flatten().tolist() == pytest.approx(RELEASE_MEAN)

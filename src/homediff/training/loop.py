@@ -114,8 +114,9 @@ class Trainer:
         self.fsdp = sharding.requested()
         if self.fsdp:
             if config.optimizer.name == "muon" or config.lora.rank:
-                raise ConfigError("FSDP trains whole backbones with AdamW: Muon orthogonalises "
-                                  "whole matrices and LoRA trains too few weights to shard")
+                raise ConfigError("FSDP trains whole backbones with optimizer.name = \"adamw\": Muon "
+                                  "orthogonalises whole matrices, and LoRA trains too few weights "
+                                  "to shard")
             model = sharding.shard(model, self.device, Block)
         self.ema = builders.ema(config, model)  # under FSDP over the shards: each averages its own
         self.model = model if self.fsdp else self.accelerator.prepare_model(model)

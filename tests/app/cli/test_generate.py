@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from tiny_components import hdm_release, qwen_folder, tiny_vae, tiny_xut
 
 from homediff.app.cli import main
@@ -120,3 +121,25 @@ def test_a_request_beyond_free_memory_is_refused_unless_forced(model_dir, tmp_pa
     assert "1 image(s) of 16x16 need about" in err and "GiB is free on cpu" in err and "--force" in err
     assert not (tmp_path / "x.png").exists()
     assert generate(model_dir, tmp_path / "x.png", "--width", "16", "--height", "16", "--force") == 0
+
+
+def test_lora_adapters_from_the_command_line(model_dir, tmp_path):
+    """--lora PATH:SCALE: at scale 0 the image is the base model's, byte for byte; at 1 it differs;
+    the PNG records the adapters."""
+    from homediff.models import lora
+
+    settings = lora.LoraSettings(rank=2, alpha=2.0)
+    model = HomeDiffPipeline.from_pretrained(model_dir).transformer
+    lora.add_adapter(model, settings)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
+    lora.save_adapter(tmp_path / "style.safetensors", model, settings)
+    assert generate(model_dir, tmp_path / "base.png") == 0
+    assert generate(model_dir, tmp_path / "zero.png", "--lora", f"{tmp_path / 'style.safetensors'}:0") == 0
+    assert generate(model_dir, tmp_path / "one.png", "--lora", str(tmp_path / "style.safetensors")) == 0
+    pixels = {name: Image.open(tmp_path / f"{name}.png").tobytes() for name in ("base", "zero", "one")}
+    assert pixels["zero"] == pixels["base"] != pixels["one"]
+    record = json.loads(Image.open(tmp_path / "one.png").text["homediff"])
+    assert record["lora"] == [[str(tmp_path / "style.safetensors"), 1.0]]

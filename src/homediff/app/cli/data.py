@@ -48,6 +48,18 @@ def register(commands) -> None:
                        help="processes (default: all cores)")
     emoji.set_defaults(run=run_emoji)
 
+    concept = actions.add_parser(
+        "concept", help="a small set that teaches a new word for a concept (for fine-tuning)",
+        description="Copy the images whose caption mentions MATCH into OUT/R_WORD with MATCH replaced "
+                    "by WORD, beside a sample of other images (OUT/1_prior) under their own captions.")
+    concept.add_argument("source", type=Path, help="a captioned image folder, e.g. data/emoji/train")
+    concept.add_argument("out", type=Path, help="new folder")
+    concept.add_argument("--word", default="zorp", help="the new word (default zorp)")
+    concept.add_argument("--match", default="cat", help="the concept's word in the captions (default cat)")
+    concept.add_argument("--prior", type=int, default=48, help="other images kept (default 48)")
+    concept.add_argument("--repeats", type=int, default=4, help="repeats of the concept per epoch (4)")
+    concept.set_defaults(run=run_concept)
+
     shapes = actions.add_parser("shapes", help="build a synthetic set of coloured-shape scenes")
     shapes.add_argument("out", type=Path, help="new folder for train/, heldout/ and split.json")
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels (64)")
@@ -103,6 +115,15 @@ def run_emoji(args) -> int:
     print(f"emoji set in {args.out} ({summary.pop('seconds')} s): " +
           ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in summary.items()))
     print(f"train on {args.out / 'train'}; the held-out split is in {args.out / 'split.json'}")
+    return 0
+
+
+def run_concept(args) -> int:
+    from homediff.data.concept import build_concept_set
+
+    record = build_concept_set(args.source, args.out, args.word, args.match, args.prior, args.repeats)
+    print(f"{record['concept_images']} images of {args.match!r} as {args.word!r} (x{args.repeats}) and "
+          f"{record['prior_images']} others in {args.out}")
     return 0
 
 
