@@ -240,8 +240,6 @@ class HomeDiffPipeline:
 
         return tqdm(total=total, **{"desc": "sampling", **self._progress})
 
-    # --- saving and loading -------------------------------------------------------------------
-
     # -- LoRA adapters, in diffusers' names --------------------------------------------------
 
     def load_lora_weights(self, path: str | Path, adapter_name: str | None = None,

@@ -128,19 +128,12 @@ def _paths(out: Path, count: int, overwrite: bool) -> tuple[list[Path], Path | N
     return images, grid
 
 
-def run_generate(args) -> int:
+def sample(pipe, args, seed: int):
+    """The images of a generate request (``args`` as parsed), and the record of its settings that
+    the PNGs carry. ``homediff generate`` and ``homediff ui`` both draw through here, so the same
+    settings and seed give the same image."""
     import torch
-    from PIL.PngImagePlugin import PngInfo
 
-    from homediff.figures import image_grid
-    from homediff.precision import resolve_device
-
-    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
-    _check_limits(args)
-    resolve_device(args.device)  # checked before the model loads
-    paths, grid_path = _paths(args.out, args.num, args.overwrite)  # checked before the model loads
-    pipe = _pipeline(args)
-    _check_memory(pipe, args)
     settings = {"negative_prompt": args.negative, "num_inference_steps": args.steps,
                 "guidance_scale": args.cfg, "height": args.height, "width": args.width,
                 "camera": {"zoom": args.zoom, "x_shift": args.x_shift, "y_shift": args.y_shift},
@@ -150,12 +143,33 @@ def run_generate(args) -> int:
     record = {"prompt": args.prompt, **settings, "seed": seed, "num_images": args.num,
               "lora": [[str(path), scale] for path, scale in args.lora],
               "model": str(args.model), "size": list(images[0].size)}
+    return images, record
+
+
+def save_png(image, path: Path, record: dict, index: int) -> None:
+    """``image`` as a PNG whose metadata holds the prompt and every setting (``homediff`` JSON)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", record["prompt"])
+    info.add_text("homediff", json.dumps({**record, "index": index}))
+    image.save(path, pnginfo=info)
+
+
+def run_generate(args) -> int:
+    from homediff.figures import image_grid
+    from homediff.precision import resolve_device
+
+    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    _check_limits(args)
+    resolve_device(args.device)  # checked before the model loads
+    paths, grid_path = _paths(args.out, args.num, args.overwrite)  # checked before the model loads
+    pipe = _pipeline(args)
+    _check_memory(pipe, args)
+    images, record = sample(pipe, args, seed)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for index, (image, path) in enumerate(zip(images, paths, strict=True)):
-        info = PngInfo()
-        info.add_text("prompt", args.prompt)
-        info.add_text("homediff", json.dumps({**record, "index": index}))
-        image.save(path, pnginfo=info)
+        save_png(image, path, record, index)
         print(path)
     if grid_path is not None:
         image_grid(images).save(grid_path)

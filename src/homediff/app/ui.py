@@ -1,0 +1,205 @@
+"""``homediff ui``: a Gradio app that generates from a model, with camera control.
+
+The page has the original HDM app's controls (prompt, negative prompt, steps, guidance, seed with
+a "random" button, size with aspect presets, number of images, camera zoom and shifts) and
+homediff's (sampler, routing guidance γ per branch, a LoRA scale per loaded adapter, a quick
+low-step preview), a gallery of PNGs that carry their settings, and the ``homediff generate``
+command that makes the same images. Requests queue one at a time on the model; values beyond the
+limits (pixels, steps, images per request) give a message in the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import secrets
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from homediff.app.cli.generate import save_png, sample
+from homediff.extras import require
+
+logger = logging.getLogger(__name__)
+
+ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3),
+           "16:9": (16, 9), "9:16": (9, 16), "2:1": (2, 1), "1:2": (1, 2)}
+PREVIEW_STEPS = 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    pixels: int = 1024 * 1024
+    steps: int = 100
+    images: int = 8
+
+
+def preset_size(aspect: str, side: int, multiple: int) -> tuple[int, int]:
+    """(width, height) of about ``side``² pixels in ``aspect``, in multiples of ``multiple``."""
+    w, h = ASPECTS[aspect]
+    scale = side / (w * h) ** 0.5
+    return (max(multiple, round(w * scale / multiple) * multiple),
+            max(multiple, round(h * scale / multiple) * multiple))
+
+
+class Studio:
+    """The app's state: one pipeline, the arguments it was loaded with, the limits, and a folder
+    for the images it serves."""
+
+    def __init__(self, pipe, args: argparse.Namespace, limits: Limits, out: Path):
+        self.pipe, self.args, self.limits, self.out = pipe, args, limits, out
+        self.adapters = list(pipe.lora_scales)
+        self.count = 0
+
+    def request(self, prompt, negative, steps, cfg, seed, width, height, num, sampler, gamma_c, gamma_u,
+                zoom, x_shift, y_shift, *scales, preview: bool = False):
+        """Images for the form's values: (PNG paths, the matching command, a message)."""
+        from homediff.errors import HomediffError
+
+        values = dict(prompt=prompt, negative=negative, steps=int(steps), cfg=float(cfg),
+                      seed=int(seed), width=int(width), height=int(height), num=int(num),
+                      sampler=sampler, tread_gamma=(float(gamma_c), float(gamma_u)), zoom=float(zoom),
+                      x_shift=float(x_shift), y_shift=float(y_shift))
+        problem = self.check(values)
+        if problem:
+            return [], "", f"**Not generated:** {problem}"
+        if preview:
+            values["steps"] = min(values["steps"], PREVIEW_STEPS)
+        request = argparse.Namespace(**{**vars(self.args), **values, "shift": 1.0,
+                                        "lora": self.lora_of(scales)})
+        try:
+            if self.adapters:
+                self.pipe.set_adapters(self.adapters, list(map(float, scales)))
+            images, record = sample(self.pipe, request, values["seed"])
+        except HomediffError as err:
+            return [], "", f"**Not generated:** {err}"
+        paths = []
+        for index, image in enumerate(images):
+            self.count += 1
+            path = self.out / f"{self.count:05d}.png"
+            save_png(image, path, record, index)
+            paths.append(str(path))
+        return paths, self.command(request), f"seed {values['seed']}, {len(paths)} image(s)"
+
+    def check(self, values: dict) -> str | None:
+        limits = self.limits
+        if values["width"] * values["height"] > limits.pixels:
+            return (f"{values['width']}×{values['height']} is over the limit of {limits.pixels:,} pixels "
+                    "(homediff ui --max-pixels)")
+        if not 1 <= values["steps"] <= limits.steps:
+            return f"steps must be 1 to {limits.steps} (homediff ui --max-steps)"
+        if not 1 <= values["num"] <= limits.images:
+            return f"images must be 1 to {limits.images} (homediff ui --max-images)"
+        return None
+
+    def lora_of(self, scales) -> list:
+        files = {name: path for name, (path, _) in zip(self.adapters, self.args.lora)}
+        return [(files[name], float(scale)) for name, scale in zip(self.adapters, scales)]
+
+    def command(self, request: argparse.Namespace) -> str:
+        """The ``homediff generate`` command that makes the same images."""
+        words = ["homediff", "generate", request.prompt, "--model", str(request.model), "--out", "out.png",
+                 "--seed", str(request.seed), "--steps", str(request.steps), "--cfg", f"{request.cfg:g}",
+                 "--width", str(request.width), "--height", str(request.height), "--num", str(request.num),
+                 "--sampler", request.sampler, "--dtype", request.dtype]
+        if request.negative:
+            words += ["--negative", request.negative]
+        if any(request.tread_gamma):
+            words += ["--tread-gamma", *(f"{g:g}" for g in request.tread_gamma)]
+        for flag, value, default in (("--zoom", request.zoom, 1.0), ("--x-shift", request.x_shift, 0.0),
+                                     ("--y-shift", request.y_shift, 0.0)):
+            if value != default:
+                words += [flag, f"{value:g}"]
+        for option in ("text_encoder", "vae", "arch", "device"):
+            if getattr(request, option, None):
+                words += [f"--{option.replace('_', '-')}", str(getattr(request, option))]
+        for path, scale in request.lora:
+            words += ["--lora", f"{path}:{scale:g}"]
+        return shlex.join(words)
+
+
+def build_app(studio: Studio):
+    """The Gradio Blocks page."""
+    gr = require("gradio", "ui", "gradio")
+    pipe, limits = studio.pipe, studio.limits
+    side, multiple = pipe.sample_size, pipe.size_multiple
+    with gr.Blocks(title="homediff") as app:
+        gr.Markdown(f"## homediff · {studio.args.model}")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                with gr.Row():
+                    steps = gr.Slider(1, limits.steps, value=min(24, limits.steps), step=1, label="Steps",
+                                      elem_id="steps")
+                    cfg = gr.Slider(0, 10, value=3.0, step=0.1, label="Guidance", elem_id="cfg")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                    random_seed = gr.Button("Random seed", elem_id="random-seed")
+                    num = gr.Slider(1, limits.images, value=1, step=1, label="Images", elem_id="num")
+                with gr.Row():
+                    aspect = gr.Dropdown(list(ASPECTS), value="1:1", label="Aspect", elem_id="aspect")
+                    width = gr.Number(value=side, precision=0, step=multiple, label="Width", elem_id="width")
+                    height = gr.Number(value=side, precision=0, step=multiple, label="Height",
+                                       elem_id="height")
+                with gr.Row():
+                    sampler = gr.Dropdown(["euler", "heun"], value="euler", label="Sampler", elem_id="sampler")
+                    gamma_c = gr.Slider(0, 0.9, value=0.0, step=0.05, label="Routing γ (conditional)",
+                                        elem_id="gamma-c")
+                    gamma_u = gr.Slider(0, 0.9, value=0.0, step=0.05, label="Routing γ (unconditional)",
+                                        elem_id="gamma-u")
+                gr.Markdown("Camera: zoom > 1 zooms in; shifts move the view right and down.")
+                with gr.Row():
+                    zoom = gr.Slider(0.5, 3.0, value=1.0, step=0.05, label="Zoom", elem_id="zoom")
+                    x_shift = gr.Slider(-1.5, 1.5, value=0.0, step=0.05, label="X shift", elem_id="x-shift")
+                    y_shift = gr.Slider(-1.5, 1.5, value=0.0, step=0.05, label="Y shift", elem_id="y-shift")
+                scales = [gr.Slider(-1, 2, value=pipe.lora_scales[name], step=0.05, label=f"LoRA {name}",
+                                    elem_id=f"lora-{index}")
+                          for index, name in enumerate(studio.adapters)]
+                with gr.Row():
+                    preview = gr.Button(f"Preview ({PREVIEW_STEPS} steps)", elem_id="preview")
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=4):
+                gallery = gr.Gallery(label="Images", columns=2, elem_id="gallery", type="filepath")
+                status = gr.Markdown(elem_id="status")
+                command = gr.Textbox(label="The same from the command line", elem_id="command",
+                                     interactive=False)
+        inputs = [prompt, negative, steps, cfg, seed, width, height, num, sampler, gamma_c, gamma_u,
+                  zoom, x_shift, y_shift, *scales]
+
+        def run(*values, progress=gr.Progress(track_tqdm=True)):
+            return studio.request(*values)
+
+        def run_preview(*values, progress=gr.Progress(track_tqdm=True)):
+            return studio.request(*values, preview=True)
+
+        generate.click(run, inputs, [gallery, command, status])
+        preview.click(run_preview, inputs, [gallery, command, status])
+        random_seed.click(lambda: secrets.randbelow(2**31), None, seed)
+        aspect.change(lambda a: preset_size(a, side, multiple), aspect, [width, height])
+    return app
+
+
+def serve(args: argparse.Namespace):
+    """Load the model and serve the page (until interrupted; with ``args.background``, return the
+    running app)."""
+    from homediff.app.cli.generate import _pipeline
+
+    if not ipaddress.ip_address(_resolve(args.host)).is_loopback:
+        logger.warning("serving on %s: anyone who can reach this address can use the model; the "
+                       "default 127.0.0.1 serves only this machine", args.host)
+    limits = Limits(args.max_pixels, args.max_steps, args.max_images)
+    out = Path(tempfile.mkdtemp(prefix="homediff-ui-"))
+    app = build_app(Studio(_pipeline(args), args, limits, out))
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out)],
+               prevent_thread_lock=args.background)
+    return app
+
+
+def _resolve(host: str) -> str:
+    import socket
+
+    return host if host[:1].isdigit() or ":" in host else socket.gethostbyname(host)
