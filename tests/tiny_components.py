@@ -119,3 +119,16 @@ def hdm_release(root: Path) -> SimpleNamespace:
     return SimpleNamespace(checkpoint=root / "hdm.safetensors", text_encoder=qwen,
                            vae_config=root / "vae", arch=OFFICIAL_SMALL / "meta.json",
                            backbone=backbone, vae=vae, te=te)
+
+
+def tiny_pipeline_folder(root: Path) -> Path:
+    """A saved pipeline folder (``root/model``) of a tiny XUT, a tiny Qwen3 in float32 and a tiny
+    VAE, at sample size 16: the command-line and web-page tests generate from it."""
+    from homediff.encoders.autoencoders import KLAutoencoder
+    from homediff.encoders.text import TextEncoder
+    from homediff.pipeline import HomeDiffPipeline
+
+    encoder = TextEncoder.from_pretrained(qwen_folder(root / "qwen"), dtype="float32")
+    HomeDiffPipeline(tiny_xut(), encoder, KLAutoencoder(tiny_vae()), sample_size=16).save_pretrained(
+        root / "model")
+    return root / "model"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tiny_components import qwen_folder, tiny_vae, tiny_xut
+from tiny_components import tiny_pipeline_folder
 
 pytest.importorskip("gradio", reason="the UI needs gradio: pip install 'homediff[ui]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright")
@@ -23,8 +23,6 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
 from homediff.app.cli import main  # noqa: E402
 from homediff.app.cli.generate import sample  # noqa: E402
 from homediff.app.ui import serve  # noqa: E402
-from homediff.encoders.autoencoders import KLAutoencoder  # noqa: E402
-from homediff.encoders.text import TextEncoder  # noqa: E402
 from homediff.pipeline import HomeDiffPipeline  # noqa: E402
 
 
@@ -36,11 +34,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui")
-    encoder = TextEncoder.from_pretrained(qwen_folder(root / "qwen"), dtype="float32")
-    HomeDiffPipeline(tiny_xut(), encoder, KLAutoencoder(tiny_vae()), sample_size=16).save_pretrained(
-        root / "model")
-    return root / "model"
+    return tiny_pipeline_folder(tmp_path_factory.mktemp("ui"))
 
 
 @pytest.fixture(scope="module")

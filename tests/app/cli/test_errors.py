@@ -6,22 +6,15 @@ import shutil
 
 import pytest
 import torch
-from tiny_components import qwen_folder, tiny_vae, tiny_xut
+from tiny_components import tiny_pipeline_folder
 
 from homediff.app.cli import main
 from homediff.app.demo import recipe
-from homediff.encoders.autoencoders import KLAutoencoder
-from homediff.encoders.text import TextEncoder
-from homediff.pipeline import HomeDiffPipeline
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("errors")
-    encoder = TextEncoder.from_pretrained(qwen_folder(root / "qwen"), dtype="float32")
-    HomeDiffPipeline(tiny_xut(), encoder, KLAutoencoder(tiny_vae()), sample_size=16).save_pretrained(
-        root / "model")
-    return root / "model"
+    return tiny_pipeline_folder(tmp_path_factory.mktemp("errors"))
 
 
 def one_line_error(err: str) -> str:

@@ -2,11 +2,9 @@ import json
 
 import pytest
 import torch
-from tiny_components import hdm_release, qwen_folder, tiny_vae, tiny_xut
+from tiny_components import hdm_release, tiny_pipeline_folder
 
 from homediff.app.cli import main
-from homediff.encoders.autoencoders import KLAutoencoder
-from homediff.encoders.text import TextEncoder
 from homediff.pipeline import HomeDiffPipeline
 
 Image = pytest.importorskip("PIL.Image")
@@ -14,11 +12,7 @@ Image = pytest.importorskip("PIL.Image")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    encoder = TextEncoder.from_pretrained(qwen_folder(root / "qwen"), dtype="float32")
-    pipe = HomeDiffPipeline(tiny_xut(), encoder, KLAutoencoder(tiny_vae()), sample_size=16)
-    pipe.save_pretrained(root / "model")
-    return root / "model"
+    return tiny_pipeline_folder(tmp_path_factory.mktemp("cli"))
 
 
 def generate(model_dir, out, *extra):
