@@ -44,6 +44,9 @@ def test_training_for_a_time_budget_in_two_processes(tmp_path, monkeypatch):
     assert 10 <= steps < 10**6
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [f"step-{steps:08d}"]
     assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+    # again into the same folder: every process must pass the deletion's barrier, whatever it saw
+    again = train_for(config, tmp_path / "run", minutes=0.05, processes=2, overwrite=True)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [f"step-{again:08d}"]
 
 
 def test_sample_sheets_show_seen_and_heldout_prompts_and_the_camera(tmp_path):

@@ -140,16 +140,16 @@ class Trainer:
         the earlier run's outputs (the disk caches stay: their keys say what they hold)."""
         earlier = list_checkpoints(self.run_dir / "checkpoints")
         outputs = [self.run_dir / name for name in RUN_OUTPUTS]
-        if not (earlier or any(p.exists() for p in outputs)):
-            return
         if not overwrite:
-            held = f"checkpoints up to {earlier[-1].name}" if earlier else "a finished model"
-            raise HomediffError(f"{self.run_dir} holds another run ({held}): continue it with "
-                                "--resume latest, or start again with --overwrite (deletes it)")
+            if earlier or any(p.exists() for p in outputs):
+                held = f"checkpoints up to {earlier[-1].name}" if earlier else "a finished model"
+                raise HomediffError(f"{self.run_dir} holds another run ({held}): continue it with "
+                                    "--resume latest, or start again with --overwrite (deletes it)")
+            return
         if self.accelerator.is_main_process:
             for path in outputs:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()  # every process, whatever it saw before the deletion
 
     def _refuse_incompatible(self, saved: Checkpoint, path: Path, model) -> None:
         """A resume must continue the same run: the same backbone, the same batches per step in
