@@ -87,7 +87,8 @@ def test_a_prompt_with_camera_control_gives_the_pipelines_image(page, model_dir,
     pipe = HomeDiffPipeline.from_pretrained(model_dir)
     request = argparse.Namespace(prompt="a red cat", negative="", steps=2, cfg=3.0, seed=7, width=16,
                                  height=16, num=1, sampler="euler", tread_gamma=(0.0, 0.0), zoom=1.5,
-                                 x_shift=0.2, y_shift=0.0, shift=1.0, lora=[], model=model_dir)
+                                 x_shift=0.2, y_shift=0.0, shift=1.0, lora=[], model=model_dir,
+                                 prompts=["a red cat"])
     expected = sample(pipe, request, 7)[0][0]
     assert shown.size == expected.size and shown.tobytes() == expected.tobytes()
 

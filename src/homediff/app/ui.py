@@ -67,19 +67,19 @@ class Studio:
             return [], "", f"**Not generated:** {problem}"
         if preview:
             values["steps"] = min(values["steps"], PREVIEW_STEPS)
-        request = argparse.Namespace(**{**vars(self.args), **values, "shift": 1.0,
+        request = argparse.Namespace(**{**vars(self.args), **values, "shift": 1.0, "prompts": [prompt],
                                         "lora": self.lora_of(scales)})
         try:
             if self.adapters:
                 self.pipe.set_adapters(self.adapters, list(map(float, scales)))
-            images, record = sample(self.pipe, request, values["seed"])
+            images, records = sample(self.pipe, request, values["seed"])
         except HomediffError as err:
             return [], "", f"**Not generated:** {err}"
         paths = []
-        for index, image in enumerate(images):
+        for image, record in zip(images, records):
             self.count += 1
             path = self.out / f"{self.count:05d}.png"
-            save_png(image, path, record, index)
+            save_png(image, path, record)
             paths.append(str(path))
         return paths, self.command(request), f"seed {values['seed']}, {len(paths)} image(s)"
 

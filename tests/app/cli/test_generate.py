@@ -27,7 +27,10 @@ def test_one_image_with_settings_in_the_metadata(model_dir, tmp_path, capsys):
                     "--tread-gamma", "0", "0.25", "--sampler", "heun") == 0
     image = Image.open(out)
     assert image.size == (24, 16)
-    assert image.text["prompt"] == "a red cat"
+    assert "prompt" not in image.text  # ComfyUI's key for its workflow graph
+    assert image.text["parameters"] == (
+        "a red cat\nNegative prompt: blurry\nSteps: 2, Sampler: heun, CFG scale: 3, Seed: 7, Size: 24x16, "
+        "Model: model, Camera: zoom 1.5, x 0, y 0, Routing gamma: 0/0.25, Schedule shift: 1")
     record = json.loads(image.text["homediff"])
     assert record["seed"] == 7 and record["negative_prompt"] == "blurry"
     assert record["camera"]["zoom"] == 1.5 and record["tread_gamma"] == [0.0, 0.25]
@@ -44,6 +47,27 @@ def test_several_images_and_a_grid_repeat_with_the_seed(model_dir, tmp_path):
     names = sorted(p.name for p in tmp_path.glob("b-*.png"))
     assert names == ["b-0.png", "b-1.png", "b-2.png", "b-grid.png"]
     assert Image.open(tmp_path / "a" / "001.png").tobytes() == Image.open(tmp_path / "b-1.png").tobytes()
+    grid = json.loads(Image.open(tmp_path / "b-grid.png").text["homediff"])["grid"]
+    assert [r["seed"] for r in grid] == [7, 8, 9]
+
+
+def test_image_k_of_a_batch_is_made_again_alone_with_seed_plus_k(model_dir, tmp_path):
+    assert generate(model_dir, tmp_path / "batch", "--num", "3") == 0
+    assert generate(model_dir, tmp_path / "alone.png", "--seed", "9") == 0  # after --seed 7 given first
+    third = Image.open(tmp_path / "batch" / "002.png")
+    assert json.loads(third.text["homediff"])["seed"] == 9
+    assert third.tobytes() == Image.open(tmp_path / "alone.png").tobytes()
+
+
+def test_several_prompts_from_flags_and_a_file(model_dir, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a blue dog\n\na green bird\n")
+    assert generate(model_dir, tmp_path / "many", "--prompt", "a cat on a sofa", "--prompts",
+                    str(tmp_path / "prompts.txt"), "--num", "2") == 0
+    records = [json.loads(Image.open(p).text["homediff"]) for p in sorted((tmp_path / "many").glob("0*.png"))]
+    assert [(r["prompt"], r["seed"]) for r in records] == [
+        ("a red cat", 7), ("a red cat", 8), ("a cat on a sofa", 9), ("a cat on a sofa", 10),
+        ("a blue dog", 11), ("a blue dog", 12), ("a green bird", 13), ("a green bird", 14)]
+    assert main(["generate", "--model", str(model_dir), "--out", str(tmp_path / "x.png")]) == 2
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -55,6 +79,13 @@ def test_several_images_and_a_grid_repeat_with_the_seed(model_dir, tmp_path):
 def test_mistakes_are_reported(model_dir, tmp_path, capsys, extra, message):
     assert generate(model_dir, tmp_path / "x.png", *extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_argument_mistakes_are_reported_before_the_model_loads(tmp_path, capsys):
+    for extra, message in ((["--sampler", "ddim"], "unknown sampler 'ddim'"),
+                           (["--prompts", str(tmp_path / "missing.txt")], "cannot read the prompts")):
+        assert generate(tmp_path / "no-model", tmp_path / "x.png", *extra) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_missing_model_folder(tmp_path, capsys):
@@ -112,7 +143,7 @@ def test_a_request_beyond_free_memory_is_refused_unless_forced(model_dir, tmp_pa
     monkeypatch.setattr(precision, "available_memory", lambda device: one - 1)
     assert generate(model_dir, tmp_path / "x.png", "--width", "16", "--height", "16") == 2
     err = capsys.readouterr().err
-    assert "1 image(s) of 16x16 need about" in err and "GiB is free on cpu" in err and "--force" in err
+    assert "an image of 16x16 needs about" in err and "GiB is free on cpu" in err and "--force" in err
     assert not (tmp_path / "x.png").exists()
     assert generate(model_dir, tmp_path / "x.png", "--width", "16", "--height", "16", "--force") == 0
 

@@ -1,4 +1,10 @@
-"""``homediff generate``: images from a prompt, written as PNGs with their settings in the metadata."""
+"""``homediff generate``: images from prompts, written as PNGs with their settings in the metadata.
+
+Image k of a run (counting over the prompts, then the images of each) is drawn with seed + k, so
+any one of them is made again alone with ``--seed`` that number. Each PNG holds its settings twice:
+``parameters``, the text A1111 and ComfyUI readers show ("Steps: 24, Sampler: euler, CFG scale: 3,
+Seed: 7, Size: 64x64, …"), and ``homediff``, the same as JSON; a grid holds the list of its images'.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,11 @@ from pathlib import Path
 
 
 def register(commands) -> None:
-    gen = commands.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt")
+    gen = commands.add_parser("generate", help="generate images from prompts")
+    gen.add_argument("prompt", nargs="?", help="the prompt (or give --prompt, repeatable, or --prompts)")
+    gen.add_argument("--prompt", dest="more_prompts", action="append", default=[], metavar="PROMPT",
+                     help="another prompt; repeatable")
+    gen.add_argument("--prompts", type=Path, help="a text file of prompts, one per line")
     gen.add_argument("--model", required=True, type=Path,
                      help="a saved pipeline folder, or a released HDM checkpoint file")
     gen.add_argument("--out", required=True, type=Path,
@@ -24,7 +33,7 @@ def register(commands) -> None:
     gen.add_argument("--seed", type=int, help="random seed (default: a new one, printed)")
     gen.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
     gen.add_argument("--height", type=int, help="image height in pixels")
-    gen.add_argument("--num", type=int, default=1, help="number of images")
+    gen.add_argument("--num", type=int, default=1, help="images per prompt (seeds seed, seed + 1, …)")
     gen.add_argument("--zoom", type=float, default=1.0, help="camera zoom (> 1 zooms in)")
     gen.add_argument("--x-shift", type=float, default=0.0, help="camera shift right (+) or left (-)")
     gen.add_argument("--y-shift", type=float, default=0.0, help="camera shift down (+) or up (-)")
@@ -100,9 +109,9 @@ def _check_memory(pipe, args) -> None:
     from homediff.precision import available_memory
 
     height, width = args.height or pipe.sample_size, args.width or pipe.sample_size
-    need, free = pipe.memory_estimate(height, width, args.num, args.cfg), available_memory(pipe.device)
-    if need > free and not args.force:
-        raise ConfigError(f"{args.num} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB "
+    need, free = pipe.memory_estimate(height, width, 1, args.cfg), available_memory(pipe.device)
+    if need > free and not args.force:  # images are drawn one at a time
+        raise ConfigError(f"an image of {width}x{height} needs about {need / 2**30:.1f} GiB "
                           f"beyond the weights and {free / 2**30:.1f} GiB is free on {pipe.device}: "
                           "ask for fewer or smaller images, or pass --force")
 
@@ -128,51 +137,102 @@ def _paths(out: Path, count: int, overwrite: bool) -> tuple[list[Path], Path | N
     return images, grid
 
 
+def prompts_of(args) -> list[str]:
+    """The prompts of a request: the positional one, each ``--prompt``, the lines of ``--prompts``."""
+    from homediff.errors import ConfigError
+
+    prompts = ([args.prompt] if args.prompt is not None else []) + list(args.more_prompts)
+    if args.prompts is not None:
+        try:
+            lines = args.prompts.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{args.prompts}: cannot read the prompts ({err})") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt: give one, or --prompt (repeatable), or --prompts FILE")
+    return prompts
+
+
 def sample(pipe, args, seed: int):
-    """The images of a generate request (``args`` as parsed), and the record of its settings that
-    the PNGs carry. ``homediff generate`` and ``homediff ui`` both draw through here, so the same
-    settings and seed give the same image."""
+    """The images of a request (``args`` as parsed, ``args.prompts`` the prompts) and one record of
+    settings per image. Image k is drawn alone with seed + k. ``homediff generate`` and ``homediff
+    ui`` both draw through here, so the same settings and seed give the same image."""
     import torch
 
     settings = {"negative_prompt": args.negative, "num_inference_steps": args.steps,
                 "guidance_scale": args.cfg, "height": args.height, "width": args.width,
                 "camera": {"zoom": args.zoom, "x_shift": args.x_shift, "y_shift": args.y_shift},
                 "tread_gamma": list(args.tread_gamma), "sampler": args.sampler, "shift": args.shift}
-    images = pipe(args.prompt, num_images_per_prompt=args.num,
-                  generator=torch.Generator().manual_seed(seed), **settings).images
-    record = {"prompt": args.prompt, **settings, "seed": seed, "num_images": args.num,
-              "lora": [[str(path), scale] for path, scale in args.lora],
-              "model": str(args.model), "size": list(images[0].size)}
-    return images, record
+    images, records = [], []
+    for prompt in args.prompts:
+        for _ in range(args.num):
+            k = len(images)
+            image = pipe(prompt, generator=torch.Generator().manual_seed(seed + k), **settings).images[0]
+            images.append(image)
+            records.append({"prompt": prompt, **settings, "seed": seed + k, "index": k,
+                            "lora": [[str(path), scale] for path, scale in args.lora],
+                            "model": str(args.model), "size": list(image.size)})
+    return images, records
 
 
-def save_png(image, path: Path, record: dict, index: int) -> None:
-    """``image`` as a PNG whose metadata holds the prompt and every setting (``homediff`` JSON)."""
+def parameters_text(record: dict) -> str:
+    """The settings as A1111 writes them under ``parameters`` (what A1111 and ComfyUI show)."""
+    camera, gamma = record["camera"], record["tread_gamma"]
+    fields = {"Steps": record["num_inference_steps"], "Sampler": record["sampler"],
+              "CFG scale": f"{record['guidance_scale']:g}", "Seed": record["seed"],
+              "Size": "x".join(map(str, record["size"])), "Model": Path(record["model"]).name,
+              "Camera": f"zoom {camera['zoom']:g}, x {camera['x_shift']:g}, y {camera['y_shift']:g}",
+              "Routing gamma": f"{gamma[0]:g}/{gamma[1]:g}", "Schedule shift": f"{record['shift']:g}"}
+    fields |= {"Lora": ", ".join(f"{Path(p).stem}:{s:g}" for p, s in record["lora"])} if record["lora"] else {}
+    lines = [record["prompt"]]
+    if record["negative_prompt"]:
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+def save_png(image, path: Path, record: dict) -> None:
+    """``image`` as a PNG whose metadata holds its settings: ``parameters`` (A1111's text) and
+    ``homediff`` (JSON)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("prompt", record["prompt"])
-    info.add_text("homediff", json.dumps({**record, "index": index}))
+    info.add_text("parameters", parameters_text(record))
+    info.add_text("homediff", json.dumps(record))
     image.save(path, pnginfo=info)
 
 
-def run_generate(args) -> int:
+def save_grid(images, path: Path, records: list[dict]) -> None:
+    """The images as one grid PNG; its metadata lists every image's settings."""
+    from PIL.PngImagePlugin import PngInfo
+
     from homediff.figures import image_grid
+
+    info = PngInfo()
+    info.add_text("parameters", "\n\n".join(parameters_text(r) for r in records))
+    info.add_text("homediff", json.dumps({"grid": records}))
+    image_grid(images).save(path, pnginfo=info)
+
+
+def run_generate(args) -> int:
+    from homediff.diffusion.samplers import get_sampler
     from homediff.precision import resolve_device
 
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+    args.prompts = prompts_of(args)  # every argument is checked before the model loads
     _check_limits(args)
-    resolve_device(args.device)  # checked before the model loads
-    paths, grid_path = _paths(args.out, args.num, args.overwrite)  # checked before the model loads
+    get_sampler(args.sampler)
+    resolve_device(args.device)
+    paths, grid_path = _paths(args.out, len(args.prompts) * args.num, args.overwrite)
     pipe = _pipeline(args)
     _check_memory(pipe, args)
-    images, record = sample(pipe, args, seed)
+    images, records = sample(pipe, args, seed)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for index, (image, path) in enumerate(zip(images, paths, strict=True)):
-        save_png(image, path, record, index)
+    for image, path, record in zip(images, paths, records, strict=True):
+        save_png(image, path, record)
         print(path)
     if grid_path is not None:
-        image_grid(images).save(grid_path)
+        save_grid(images, grid_path, records)
         print(grid_path)
     print(f"seed {seed}")
     return 0
