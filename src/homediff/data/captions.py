@@ -42,6 +42,11 @@ def process_caption(text: str, config: CaptionConfig, generator: torch.Generator
     rng = random.Random(seed)
     if config.caption_dropout and rng.random() < config.caption_dropout:
         return ""
+    text = config.prefix + text + config.suffix
+    if config.keep_tokens and config.keep_separator not in text:  # kohya: the first N tags are kept
+        tags = text.split(config.tag_separator)
+        text = (config.tag_separator.join(tags[:config.keep_tokens]) + config.keep_separator
+                + config.tag_separator.join(tags[config.keep_tokens:]))
     *keep, rest = text.split(config.keep_separator)
     out = [tag for part in keep for tag in _tags(part, config.tag_separator)]
     groups = rest.split(config.group_separator)

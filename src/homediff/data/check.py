@@ -8,7 +8,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from homediff.data.folder import Entry, read_entry, scan_folder
+from homediff.data.folder import Entry, missing_captions, read_entry, scan_folder
 from homediff.data.problems import BadSample, Note
 from homediff.data.shards import _IMAGE_MEMBERS, shard_list
 from homediff.data.transform import DataConfig, load
@@ -28,6 +28,7 @@ class CheckReport:
     samples: int = 0
     usable: int = 0
     findings: list[Finding] = field(default_factory=list)
+    warning: str | None = None  # about the set as a whole (e.g. most captions missing)
 
     def counts(self) -> Counter[str]:
         return Counter(f.kind for f in self.findings)
@@ -59,8 +60,8 @@ def check_folder(root: str | Path, config: DataConfig | None = None, size: int |
     """Check every image under ``root`` (see ``problems`` for the kinds). ``size``: the crop size
     to check against (too-small, upscaled), or None to skip size checks."""
     root, config = Path(root), config or DataConfig()
-    entries = scan_folder(root, cache)
-    report = CheckReport()
+    entries = scan_folder(root, cache, config.caption_extension)
+    report = CheckReport(warning=missing_captions(entries, config))
     check = functools.partial(_check_entry, root, config, size)
     if workers > 1 and len(entries) > 1:
         with ProcessPoolExecutor(workers) as pool:

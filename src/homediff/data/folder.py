@@ -41,8 +41,9 @@ class Entry:
     repeats: int
 
 
-def _walk(root: Path) -> tuple[list[Entry], dict[str, int]]:
-    """Scan ``root`` recursively: entries, and each folder's mtime (ns) for cache validation."""
+def _walk(root: Path, caption_extension: str = ".txt") -> tuple[list[Entry], dict[str, int]]:
+    """Scan ``root`` recursively: entries, and each folder's mtime (ns) for cache validation.
+    Extensions match in any case (``.PNG``, ``.TXT``)."""
     entries: list[Entry] = []
     mtimes: dict[str, int] = {}
     visited: set[tuple[int, int]] = set()  # (device, inode): symlinked folders are followed once
@@ -55,7 +56,7 @@ def _walk(root: Path) -> tuple[list[Entry], dict[str, int]]:
             continue
         visited.add((info.st_dev, info.st_ino))
         mtimes[rel] = info.st_mtime_ns
-        images, texts = [], set()
+        images, texts = [], {}
         with os.scandir(folder) as scan:
             for item in scan:
                 if item.name.startswith("."):
@@ -68,10 +69,10 @@ def _walk(root: Path) -> tuple[list[Entry], dict[str, int]]:
                 stem, ext = os.path.splitext(item.name)
                 if ext.lower() in IMAGE_EXTENSIONS:
                     images.append((stem, item.name))
-                elif ext == ".txt":
-                    texts.add(stem)
+                elif ext.lower() == caption_extension.lower():
+                    texts[stem] = item.name
         for stem, name in sorted(images):
-            caption = f"{rel}{stem}.txt" if stem in texts else None
+            caption = f"{rel}{texts[stem]}" if stem in texts else None
             entries.append(Entry(rel + name, caption, repeats))
     entries.sort(key=lambda e: e.image)
     return entries, mtimes
@@ -84,8 +85,10 @@ def _index_valid(root: Path, mtimes: dict[str, int]) -> bool:
         return False
 
 
-def scan_folder(root: str | Path, cache: bool | str | Path = True) -> list[Entry]:
-    """Every image under ``root`` with its caption file and repeat count, sorted by path.
+def scan_folder(root: str | Path, cache: bool | str | Path = True,
+                caption_extension: str = ".txt") -> list[Entry]:
+    """Every image under ``root`` with its caption file (same stem, ``caption_extension``) and
+    repeat count, sorted by path.
 
     ``cache``: True (``user_cache_dir("index")``), a folder to keep index files in, or False.
     """
@@ -93,19 +96,30 @@ def scan_folder(root: str | Path, cache: bool | str | Path = True) -> list[Entry
     if not root.is_dir():
         raise HomediffError(f"{root}: not a folder; give the folder that holds the images")
     if not cache:
-        return _walk(root)[0]
+        return _walk(root, caption_extension)[0]
     index = json_file_cache(user_cache_dir("index") if cache is True else cache)
-    key = cache_key("folder index", INDEX_VERSION, str(root))
+    key = cache_key("folder index", INDEX_VERSION, str(root), caption_extension.lower())
     stored = index.get(key)
     try:
         if stored and stored["root"] == str(root) and _index_valid(root, stored["mtimes"]):
             return [Entry(*item) for item in stored["entries"]]
     except (KeyError, TypeError, ValueError):
         logger.info("folder index of %s: unreadable cache entry, scanning again", root)
-    entries, mtimes = _walk(root)
+    entries, mtimes = _walk(root, caption_extension)
     index.put(key, {"root": str(root), "mtimes": mtimes,
                     "entries": [[e.image, e.caption, e.repeats] for e in entries]})
     return entries
+
+
+def missing_captions(entries: list[Entry], config: DataConfig) -> str | None:
+    """What to say when more than ``config.max_missing_captions`` of the images have no caption
+    file (they would train as unconditional images); None otherwise."""
+    missing = sum(entry.caption is None for entry in entries)
+    if not entries or missing / len(entries) <= config.max_missing_captions:
+        return None
+    return (f"{missing:,} of {len(entries):,} images ({missing / len(entries):.0%}) have no "
+            f"{config.caption_extension} caption file: set dataset.options.caption_extension (e.g. "
+            "\".caption\"), or max_missing_captions = 1.0 to train on them without captions")
 
 
 def read_entry(root: Path, entry: Entry, config: DataConfig) -> tuple[bytes, bytes | None]:
@@ -158,7 +172,7 @@ class FolderDataset(Dataset):
         self.root = Path(root)
         self.config = config or DataConfig()
         self.seed, self.max_tries = seed, max_tries
-        self.entries = scan_folder(self.root, cache)
+        self.entries = scan_folder(self.root, cache, self.config.caption_extension)
         if not self.entries:
             raise HomediffError(f"{self.root}: no images found (looked for "
                                 f"{', '.join(IMAGE_EXTENSIONS)} files, recursively)")

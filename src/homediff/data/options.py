@@ -31,12 +31,17 @@ class CaptionConfig:
     tag_dropout: float = 0.0
     group_dropout: float = 0.0
     caption_dropout: float = 0.1
+    keep_tokens: int = 0  # kohya's: the first N tags stay first and are never dropped
+    prefix: str = ""  # kohya's caption_prefix / caption_suffix, added to every caption
+    suffix: str = ""
 
     def __post_init__(self):
         for name in ("tag_dropout", "group_dropout", "caption_dropout"):
             rate = getattr(self, name)
             if not 0.0 <= rate <= 1.0:
                 raise ConfigError(f"captions.{name} must be a probability in [0, 1], got {rate}")
+        if self.keep_tokens < 0:
+            raise ConfigError(f"captions.keep_tokens must be >= 0, got {self.keep_tokens}")
         for name in ("keep_separator", "group_separator", "tag_separator"):
             if not getattr(self, name):
                 raise ConfigError(f"captions.{name} must not be empty")
@@ -52,6 +57,9 @@ class DataConfig:
     whose long side is more than this many times the short one; max_file_bytes: refuse larger
     image files (read no further). allow_outside_links: read files that links lead to outside the
     data set's folder. missing_caption: "empty" (use the empty caption) or "skip".
+    caption_extension: the caption files' extension, kohya's (".txt"; ".caption" too), in any case.
+    max_missing_captions: the largest share of images without a caption file that training accepts
+    (more is usually a wrong caption_extension; 1.0 allows any).
     """
 
     size: int = 256
@@ -62,6 +70,8 @@ class DataConfig:
     max_aspect: float = DEFAULT_MAX_ASPECT
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     allow_outside_links: bool = False
+    caption_extension: str = ".txt"
+    max_missing_captions: float = 0.5
     missing_caption: str = "empty"
     captions: CaptionConfig = field(default_factory=CaptionConfig)
 
@@ -78,6 +88,11 @@ class DataConfig:
         for name in ("max_pixels", "max_file_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+            raise ConfigError(f"data.caption_extension must look like \".txt\", got {self.caption_extension!r}")
+        if not 0 <= self.max_missing_captions <= 1:
+            raise ConfigError(f"data.max_missing_captions must be a share in [0, 1], got "
+                              f"{self.max_missing_captions}")
         if self.max_aspect < 1:
             raise ConfigError(f"data.max_aspect must be at least 1, got {self.max_aspect}")
         if self.missing_caption not in MISSING_CAPTION:

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from homediff.data import FolderDataset, ShardDataset, ShardProgress, make_loader
+from homediff.data.folder import missing_captions
 from homediff.data.loader import distributed_rank
 from homediff.data.shards import dataset_kind
 from homediff.errors import ConfigError
@@ -31,6 +32,9 @@ class BatchStream:
         options = dataclasses.replace(section.options, size=resolution)
         if self.kind == "folder":
             self.dataset = FolderDataset(section.path, options, seed=seed)
+            problem = missing_captions(self.dataset.entries, options)
+            if problem:  # most likely the wrong caption_extension: stop before training on nothing
+                raise ConfigError(f"dataset.path {section.path}: {problem}")
         else:
             self.dataset = ShardDataset(section.path, options, seed=seed)
         self.section, self.batch_size, self.seed = section, batch_size, seed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def register(commands) -> None:
                             "one (default 8)")
     check.add_argument("--allow-outside-links", action="store_true",
                        help="read files that links lead to outside the folder")
+    check.add_argument("--caption-extension", default=".txt",
+                       help="the caption files' extension (default .txt; kohya's .caption too)")
     check.add_argument("--skip-missing-captions", action="store_true",
                        help="count images without a caption file as unusable")
     check.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -84,13 +87,13 @@ def run_check(args) -> int:
     from homediff.data.shards import dataset_kind
     from homediff.data.transform import DataConfig
 
-    config = DataConfig(min_size=args.min_size,
-                        missing_caption="skip" if args.skip_missing_captions else "empty")
-    if args.max_pixels:
-        config.max_pixels = args.max_pixels
-    if args.max_aspect:
-        config.max_aspect = args.max_aspect
-    config.allow_outside_links = args.allow_outside_links
+    options = {"min_size": args.min_size, "caption_extension": args.caption_extension,
+               "allow_outside_links": args.allow_outside_links,
+               "missing_caption": "skip" if args.skip_missing_captions else "empty"}
+    for key in ("max_pixels", "max_aspect"):
+        if getattr(args, key):
+            options[key] = getattr(args, key)
+    config = DataConfig(**options)
     if dataset_kind(args.dir) == "shards":
         report = check_shards(args.dir, config, args.size)
     else:
@@ -104,6 +107,8 @@ def run_check(args) -> int:
           f"{len(report.findings)} problems")
     for kind, count in sorted(report.counts().items()):
         print(f"  {kind}: {count}")
+    if report.warning:
+        print(f"WARNING: {report.warning}; training on this folder stops until then", file=sys.stderr)
     return 0 if report.usable else 1
 
 
