@@ -126,3 +126,20 @@ def test_a_resume_on_another_machine_measures_again(assets, tmp_path, monkeypatc
     resumed = Trainer(config, tmp_path, resume="latest")
     assert resumed.precision["machine"] == "cpu:another"
     assert (resumed.precision["autocast"], resumed.precision["muon"]) == (None, "float32")
+
+
+def test_auto_defers_to_accelerate_launch_and_an_explicit_value_wins(monkeypatch, caplog):
+    from homediff.training.config import config_from_dict
+    from homediff.training.precisions import accelerator_precision
+
+    def config(mixed):
+        return config_from_dict({"dataset": {"path": "x"}, "train": {"mixed_precision": mixed},
+                                 "stages": [{"resolution": 8, "steps": 1}]})
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert accelerator_precision(config("auto")) == "fp16"
+    with caplog.at_level("WARNING"):
+        assert accelerator_precision(config("no")) == "no"
+    assert "train.mixed_precision = 'no' in the config wins over accelerate's 'fp16'" in caplog.text
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's default: not a request
+    gpu = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+    assert accelerator_precision(config("auto")) == (gpu if torch.cuda.is_available() else "no")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Callable
 
 import torch
@@ -25,14 +26,29 @@ logger = logging.getLogger(__name__)
 
 
 def accelerator_precision(config: TrainConfig) -> str:
-    """accelerate's mixed precision: as configured; ``"auto"`` is bf16 (else fp16) on GPUs and
-    ``"no"`` on a CPU, where autocast is decided by measurement (``choose_precisions``)."""
+    """accelerate's mixed precision: as configured; ``"auto"`` defers to ``accelerate launch
+    --mixed_precision`` or ``accelerate config`` when they ask for bf16 or fp16 (``"no"`` is also
+    accelerate's default, so it does not count as asked), else is bf16 (else fp16) on GPUs and
+    ``"no"`` on a CPU, where autocast is decided by measurement (``choose_precisions``). A value in
+    the config wins over accelerate's, and says so."""
     wanted = config.train.mixed_precision
+    launched = launched_precision()
     if wanted != "auto":
+        if launched and launched != wanted:
+            logger.warning("train.mixed_precision = %r in the config wins over accelerate's %r",
+                           wanted, launched)
         return wanted
+    if launched:
+        return launched
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def launched_precision() -> str | None:
+    """The mixed precision ``accelerate launch`` was asked for, if bf16 or fp16."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    return value if value in ("bf16", "fp16") else None
 
 
 def choose_precisions(config: TrainConfig, model: torch.nn.Module, text_encoder: TextEncoder,
@@ -44,7 +60,7 @@ def choose_precisions(config: TrainConfig, model: torch.nn.Module, text_encoder:
     machine = precision.machine_key(device)
     reuse = saved if saved and saved.get("machine") == machine else {}
     autocast = {"no": None, "bf16": "bfloat16", "fp16": "float16"}.get(accelerator_precision(config))
-    if config.train.mixed_precision == "auto" and device.type == "cpu":
+    if config.train.mixed_precision == "auto" and not launched_precision() and device.type == "cpu":
         if "autocast" in reuse:  # None (float32) is a choice too
             autocast = reuse["autocast"]
         else:
