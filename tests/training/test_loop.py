@@ -106,6 +106,12 @@ def test_stage_transition_changes_resolution_batch_and_lr(assets, tmp_path):
                  generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
     assert (tmp_path / "loss.png").is_file() and (tmp_path / "model.safetensors").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = EventAccumulator(str(tmp_path / "logs")).Reload()  # the resolved config, as text
+    assert "config/text_summary" in logs.Tags()["tensors"]
+    text = logs.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "resolution = 16" in text and "batch_size = 2" in text
 
 
 def test_a_time_budget_refits_the_stage_length_and_its_lr_schedule(assets, tmp_path):

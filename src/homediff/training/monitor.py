@@ -31,6 +31,11 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "logs"))
+        if dataclasses.is_dataclass(config):  # the resolved config, beside the curves it explains
+            from homediff.training.config import to_toml
+
+            toml = to_toml(config).replace("\n", "  \n")  # TensorBoard renders the text as markdown
+            self.writer.add_text("config", toml)
         if wandb:
             self.wandb = require("wandb", "wandb").init(project="homediff", dir=str(run_dir),
                                            config=dataclasses.asdict(config))
