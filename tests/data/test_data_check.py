@@ -63,3 +63,23 @@ def test_cli_pack_then_check_the_shards(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "6 samples: 4 usable, 2 skipped" in out
     assert "shard-00000" in out and "zero.webp: SKIPPED: empty" in out
+
+
+def test_the_progress_bar_counts_usable_and_skipped_files():
+    from homediff.data.check import CheckReport
+    from homediff.data.problems import BadSample
+
+    class Bar:
+        def __init__(self):
+            self.n, self.postfix = 0, None
+
+        def update(self):
+            self.n += 1
+
+        def set_postfix(self, refresh=True, **counts):
+            self.postfix = counts
+
+    bar, report = Bar(), CheckReport()
+    for i in range(150):
+        report.add(f"{i}.png", ([], BadSample("empty", "zero bytes") if i in (3, 120) else None), bar)
+    assert bar.n == 150 and bar.postfix == {"usable": 119, "skipped": 2}  # as of the last skip (121st)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from homediff.data.folder import Entry, missing_captions, read_entry, scan_folder
 from homediff.data.problems import BadSample, Note
+from homediff.data.progress import progress
 from homediff.data.shards import _IMAGE_MEMBERS, shard_list
 from homediff.data.transform import DataConfig, load
 from homediff.extras import require
@@ -33,10 +34,14 @@ class CheckReport:
     def counts(self) -> Counter[str]:
         return Counter(f.kind for f in self.findings)
 
-    def add(self, path: str, result: tuple[list[Note], BadSample | None]) -> None:
+    def add(self, path: str, result: tuple[list[Note], BadSample | None], bar=None) -> None:
         notes, bad = result
         self.samples += 1
         self.usable += bad is None
+        if bar is not None:
+            bar.update()
+            if self.samples % 100 == 0 or bad is not None:
+                bar.set_postfix(usable=self.usable, skipped=self.samples - self.usable, refresh=False)
         self.findings.extend(Finding(path, kind, detail, False) for kind, detail in notes)
         if bad is not None:
             self.findings.append(Finding(path, bad.kind, bad.detail, True))
@@ -63,13 +68,14 @@ def check_folder(root: str | Path, config: DataConfig | None = None, size: int |
     entries = scan_folder(root, cache, config.caption_extension)
     report = CheckReport(warning=missing_captions(entries, config))
     check = functools.partial(_check_entry, root, config, size)
-    if workers > 1 and len(entries) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(check, entries, chunksize=64))
-    else:
-        results = map(check, entries)
-    for entry, result in zip(entries, results):
-        report.add(str(root / entry.image), result)
+    with progress(f"checking {root}", len(entries), "image") as bar:
+        if workers > 1 and len(entries) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for entry, result in zip(entries, pool.map(check, entries, chunksize=64)):
+                    report.add(str(root / entry.image), result, bar)
+        else:
+            for entry in entries:
+                report.add(str(root / entry.image), check(entry), bar)
     return report
 
 
@@ -89,8 +95,9 @@ def check_shards(shards, config: DataConfig | None = None, size: int | None = No
             raise BadSample("no-image", f"no image member ({', '.join(_IMAGE_MEMBERS)})")
         return image, raw.get("txt")
 
-    for raw in tariterators.tarfile_samples([{"url": u} for u in shard_list(shards)],
-                                            handler=bad_shard):
-        key = raw.get("path", b"").decode(errors="replace") or raw["__key__"]
-        report.add(f"{raw['__url__']}:{key}", _check(functools.partial(read, raw), config, size))
+    with progress(f"checking {shards}", None, "sample") as bar:
+        for raw in tariterators.tarfile_samples([{"url": u} for u in shard_list(shards)],
+                                                handler=bad_shard):
+            key = raw.get("path", b"").decode(errors="replace") or raw["__key__"]
+            report.add(f"{raw['__url__']}:{key}", _check(functools.partial(read, raw), config, size), bar)
     return report

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from homediff.caching import cache_key, json_file_cache, user_cache_dir
 from homediff.data.problems import BadSample, ProblemLog
+from homediff.data.progress import progress
 from homediff.data.options import MAX_CAPTION_BYTES
 from homediff.data.transform import DataConfig, make_sample, sample_seed
 from homediff.errors import HomediffError
@@ -48,6 +49,7 @@ def _walk(root: Path, caption_extension: str = ".txt") -> tuple[list[Entry], dic
     mtimes: dict[str, int] = {}
     visited: set[tuple[int, int]] = set()  # (device, inode): symlinked folders are followed once
     pending = [("", 1)]
+    bar = progress(f"scanning {root}", None, "folder")
     while pending:
         rel, repeats = pending.pop()
         folder = root / rel
@@ -74,6 +76,9 @@ def _walk(root: Path, caption_extension: str = ".txt") -> tuple[list[Entry], dic
         for stem, name in sorted(images):
             caption = f"{rel}{texts[stem]}" if stem in texts else None
             entries.append(Entry(rel + name, caption, repeats))
+        bar.update()
+        bar.set_postfix(images=len(entries), refresh=False)
+    bar.close()
     entries.sort(key=lambda e: e.image)
     return entries, mtimes
 

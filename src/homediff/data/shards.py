@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from homediff.data.folder import IMAGE_EXTENSIONS, scan_folder
 from homediff.data.loader import distributed_rank
 from homediff.data.problems import BadSample, ProblemLog
+from homediff.data.progress import progress
 from homediff.data.transform import DataConfig, make_sample, sample_seed
 from homediff.errors import ConfigError, HomediffError
 from homediff.extras import require
@@ -220,6 +221,7 @@ def pack_folder(root: str | Path, out: str | Path, shard_size: int = 1000, seed:
     out.mkdir(parents=True, exist_ok=True)
     order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(seed)).tolist()
     paths, written = [], 0
+    bar = progress(f"packing {root}", len(order), "image")
     for start in range(0, len(order), shard_size):
         path = out / f"shard-{len(paths):06d}.tar"
         with tar_writer(str(path), encoder=False, mtime=0) as writer:
@@ -236,5 +238,7 @@ def pack_folder(root: str | Path, out: str | Path, shard_size: int = 1000, seed:
                     continue
                 writer.write(sample)
                 written += 1
+                bar.update()
         paths.append(path)
+    bar.close()
     return paths, written
