@@ -55,9 +55,15 @@ RELEASE_VAE = "KBlueLeaf/EQ-SDXL-VAE"
 
 @dataclass
 class PipelineOutput:
-    """``images``: PIL images, an (N, H, W, C) array or an (N, C, H, W) tensor in [0, 1], or latents."""
+    """``images``: PIL images, an (N, H, W, C) array or an (N, C, H, W) tensor in [0, 1], or latents.
+    As diffusers' outputs, also ``out[0]`` and ``out["images"]``."""
 
     images: Any
+
+    def __getitem__(self, key):
+        if key in (0, "images"):
+            return self.images
+        raise KeyError(key)
 
 
 class HomeDiffPipeline:
@@ -94,7 +100,10 @@ class HomeDiffPipeline:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "HomeDiffPipeline":
         """Move every component to ``device``; ``dtype`` applies to the transformer and the VAE
-        (the text encoder keeps the dtype it was configured with)."""
+        (the text encoder keeps the dtype it was configured with). ``pipe.to(torch.float16)``
+        works too, as in diffusers."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         if device is not None or dtype is not None:
             self.transformer.to(device=device, dtype=dtype)
             self.vae.to(device=device, dtype=dtype)
@@ -189,12 +198,16 @@ class HomeDiffPipeline:
         return max(layer, decode)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 16,
                  guidance_scale: float = 3.0, generator: torch.Generator | None = None,
                  num_images_per_prompt: int = 1, camera: dict | None = None,
                  tread_gamma=(0.0, 0.0), sampler: str = "euler", shift: float = 1.0,
-                 output_type: str = "pil") -> PipelineOutput:
+                 output_type: str = "pil", *, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 return_dict: bool = True):
         """Images for the prompts (``num_images_per_prompt`` each, in prompt order).
 
         negative_prompt: one for all prompts or one per prompt (default ""). height/width: pixels,
@@ -202,7 +215,16 @@ class HomeDiffPipeline:
         v = v_u + s·(v_c − v_u); 1 runs the conditional branch only. camera: {"zoom", "x_shift",
         "y_shift"}. tread_gamma: (γ_c, γ_u) routing rates, 0 = none. sampler: "euler" or "heun";
         shift: time-grid shift (1 = HDM's uniform grid). output_type: "pil", "np", "pt" or "latent".
+
+        In diffusers' conventions: ``latents`` (the starting noise, one per image),
+        ``prompt_embeds`` / ``negative_prompt_embeds`` (text states (B, T, D) in place of the
+        prompts, one per image), ``callback_on_step_end(pipe, step, t, {"latents": x})`` after each
+        step (a returned dict's ``"latents"`` replaces them), ``return_dict=False`` for a tuple.
         """
+        if prompt_embeds is not None:
+            prompt = [""] * prompt_embeds.shape[0]
+        if prompt is None:
+            raise ConfigError("give a prompt (or prompt_embeds)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         height = self.sample_size if height is None else height
@@ -218,22 +240,34 @@ class HomeDiffPipeline:
         check_rates(tread_gamma)
         check_scale(guidance_scale)
 
-        cond = self.text_encoder.encode(prompts).to(self.device)
-        cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
+        cond = self.text_encoder.encode(prompts) if prompt_embeds is None else prompt_embeds
+        cond = cond.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
         uncond = None
         if guidance_scale != 1:
-            uncond = self.text_encoder.encode(negatives).to(self.device)
-            uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0)
+            uncond = self.text_encoder.encode(negatives) if negative_prompt_embeds is None \
+                else negative_prompt_embeds
+            uncond = uncond.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
         denoise = self.denoiser(cond, uncond, height=height, width=width,
                                 guidance_scale=guidance_scale, camera=camera,
                                 tread_gamma=tread_gamma, generator=generator)
-        latents = self.noise(cond.shape[0], height, width, generator)
+        start = self.noise(cond.shape[0], height, width, generator)
+        if latents is not None:
+            if latents.shape != start.shape:
+                raise ConfigError(f"latents must have the shape {tuple(start.shape)} for this request, "
+                                  f"got {tuple(latents.shape)}")
+            start = latents.to(self.device, torch.float32)
         with self._progress_bar(num_inference_steps) as bar:
-            latents = solve(denoise, latents, ts, callback=lambda *_: bar.update(1))
-        if output_type == "latent":
-            return PipelineOutput(latents)
-        images = ((self.vae.decode(latents) + 1) / 2).clamp(0, 1).cpu()
-        return PipelineOutput(_convert(images, output_type))
+            def on_step(k, t, x):
+                bar.update(1)
+                if callback_on_step_end is None:
+                    return None
+                given = {"latents": x} if "latents" in callback_on_step_end_tensor_inputs else {}
+                returned = callback_on_step_end(self, k, t, given) or {}
+                return returned.get("latents")
+            final = solve(denoise, start, ts, callback=on_step)
+        images = final if output_type == "latent" else _convert(
+            ((self.vae.decode(final) + 1) / 2).clamp(0, 1).cpu(), output_type)
+        return PipelineOutput(images) if return_dict else (images,)
 
     def _progress_bar(self, total: int):
         from tqdm.auto import tqdm  # comes with transformers and diffusers
@@ -314,9 +348,11 @@ class HomeDiffPipeline:
         (directory / INDEX).write_text(json.dumps(index, indent=1))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device=None,
-                        dtype: torch.dtype | None = None) -> "HomeDiffPipeline":
-        """Load a folder written by ``save_pretrained``; reads only local files."""
+    def from_pretrained(cls, directory: str | Path, *, device=None, dtype: torch.dtype | None = None,
+                        torch_dtype: torch.dtype | None = None) -> "HomeDiffPipeline":
+        """Load a folder written by ``save_pretrained``; reads only local files. ``torch_dtype``
+        is diffusers' name for ``dtype``."""
+        dtype = dtype or torch_dtype
         directory = Path(directory)
         if not (directory / INDEX).is_file():
             raise CheckpointError(f"{directory}: not a homediff pipeline folder (no {INDEX}); "

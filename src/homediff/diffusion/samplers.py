@@ -24,7 +24,7 @@ from homediff.errors import ConfigError
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]  # may return new latents
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
@@ -42,8 +42,13 @@ def euler(denoise: Denoise, x: torch.Tensor, ts: torch.Tensor,
     for k in range(len(ts) - 1):
         x = x + (ts[k + 1] - ts[k]) * denoise(x, ts[k]).float()
         if callback is not None:
-            callback(k, ts[k + 1], x)
+            x = _replaced(callback(k, ts[k + 1], x), x)
     return x
+
+
+def _replaced(returned, x: torch.Tensor) -> torch.Tensor:
+    """A callback may return new latents (diffusers' callback_on_step_end does); None keeps x."""
+    return x if returned is None else returned.float()
 
 
 def heun(denoise: Denoise, x: torch.Tensor, ts: torch.Tensor,
@@ -59,7 +64,7 @@ def heun(denoise: Denoise, x: torch.Tensor, ts: torch.Tensor,
             predicted = x + (t_next - t) * slope
         x = predicted
         if callback is not None:
-            callback(k, t_next, x)
+            x = _replaced(callback(k, t_next, x), x)
     return x
 
 
