@@ -138,7 +138,7 @@ def test_the_page_serves_this_machine_only_unless_told(monkeypatch, caplog):
     args = build_parser().parse_args(["ui", "--model", "m"])
     assert (args.host, args.port, args.max_steps) == ("127.0.0.1", 7860, 100)
     monkeypatch.setattr(ui, "build_app", lambda studio: pytest.fail("not reached"))
-    monkeypatch.setattr("homediff.app.cli.generate._pipeline", lambda args: (_ for _ in ()).throw(
+    monkeypatch.setattr("homediff.app.cli.generate.load_pipeline", lambda args: (_ for _ in ()).throw(
         RuntimeError("stop before loading")))
     with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="stop before loading"):
         ui.serve(build_parser().parse_args(["ui", "--model", "m", "--host", "0.0.0.0"]))

@@ -185,14 +185,14 @@ def build_app(studio: Studio):
 def serve(args: argparse.Namespace):
     """Load the model and serve the page (until interrupted; with ``args.background``, return the
     running app)."""
-    from homediff.app.cli.generate import _pipeline
+    from homediff.app.cli.generate import load_pipeline
 
     if not ipaddress.ip_address(_resolve(args.host)).is_loopback:
         logger.warning("serving on %s: anyone who can reach this address can use the model; the "
                        "default 127.0.0.1 serves only this machine", args.host)
     limits = Limits(args.max_pixels, args.max_steps, args.max_images)
     out = Path(tempfile.mkdtemp(prefix="homediff-ui-"))
-    app = build_app(Studio(_pipeline(args), args, limits, out))
+    app = build_app(Studio(load_pipeline(args), args, limits, out))
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out)],
                prevent_thread_lock=args.background)

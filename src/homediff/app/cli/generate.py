@@ -63,7 +63,9 @@ def _lora_spec(text: str) -> tuple[Path, float]:
         return Path(text), 1.0
 
 
-def _pipeline(args):
+def load_pipeline(args):
+    """The pipeline ``--model`` names (a folder, or a released file with its text encoder and
+    VAE), with the ``--lora`` adapters, on ``--device`` in ``--dtype``; ``homediff ui`` uses it too."""
     from homediff.pipeline import RELEASE_TEXT_ENCODER, RELEASE_VAE, HomeDiffPipeline
     from homediff.precision import resolve_device
 
@@ -224,7 +226,7 @@ def run_generate(args) -> int:
     get_sampler(args.sampler)
     resolve_device(args.device)
     paths, grid_path = _paths(args.out, len(args.prompts) * args.num, args.overwrite)
-    pipe = _pipeline(args)
+    pipe = load_pipeline(args)
     _check_memory(pipe, args)
     images, records = sample(pipe, args, seed)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
