@@ -21,6 +21,7 @@ component (``transformer``, ``text_encoder``, ``vae``), each with a JSON config 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from homediff import __version__
+from homediff import __version__, hub
 from homediff.diffusion.samplers import check_rates, check_scale, get_sampler, guided_denoiser, time_grid
 from homediff.encoders.autoencoders import Autoencoder, KLAutoencoder, load_autoencoder
 from homediff.encoders.text import TextEncoder
@@ -85,6 +86,7 @@ class HomeDiffPipeline:
         self.vae = vae.eval()
         self.sample_size = sample_size
         self._progress: dict = {}
+        self._offload_device: torch.device | None = None  # set by enable_model_cpu_offload
         self.lora_scales: dict[str, float] = {}  # the adapters loaded, in order, and their scales
         self._lora_settings: dict = dict(adapters or {})
         if adapters:
@@ -92,6 +94,9 @@ class HomeDiffPipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where sampling runs: the transformer's device, or the offload device."""
+        if self._offload_device is not None:
+            return self._offload_device
         return next(self.transformer.parameters()).device
 
     @property
@@ -104,12 +109,36 @@ class HomeDiffPipeline:
         works too, as in diffusers."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
+        if device is not None:
+            self._offload_device = None
         if device is not None or dtype is not None:
             self.transformer.to(device=device, dtype=dtype)
             self.vae.to(device=device, dtype=dtype)
         if device is not None:
             self.text_encoder.to(device=device)
         return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
+        """Keep every component in CPU memory and move each to ``device`` only while it runs (the
+        text encoder, then the transformer, then the autoencoder), as diffusers' method of this
+        name does: the device then holds one component at a time. ``pipe.to(device)`` ends it."""
+        device = torch.device(device)
+        if gpu_id is not None:
+            device = torch.device(device.type, gpu_id)
+        self.to("cpu")
+        self._offload_device = device
+
+    @contextlib.contextmanager
+    def _running(self, component):
+        """``component`` on the offload device for the block, back in CPU memory after it."""
+        if self._offload_device is None:
+            yield
+            return
+        component.to(self._offload_device)
+        try:
+            yield
+        finally:
+            component.to("cpu")
 
     def sampling_dtype(self, setting: str = "auto") -> torch.dtype:
         """The transformer's dtype for sampling: a name in ``precision.DTYPES``, or ``"auto"``:
@@ -160,26 +189,33 @@ class HomeDiffPipeline:
 
     def denoiser(self, cond: torch.Tensor, uncond: torch.Tensor | None, *, height: int, width: int,
                  guidance_scale: float, camera: dict | None = None, tread_gamma=(0.0, 0.0),
-                 generator: torch.Generator | None = None, batch: bool = True):
-        """``denoise(x, t)`` for latents of an image of this size: the guided transformer velocity."""
+                 generator=None, batch: bool = True):
+        """``denoise(x, t)`` for latents of an image of this size: the guided transformer velocity.
+        ``generator``: one, or a list with one per image (each image's routing from its own)."""
         pos = self.position_map(height, width, camera)
         aspect = math.log(width / height)
         dtype = self.dtype
 
         def velocity(x, t, ctx, rate):
             n = x.shape[0]
+            draws = generator
+            if isinstance(generator, list):  # both branches in one batch: each image's twice
+                draws = generator * (n // len(generator))
             return self.transformer(x.to(dtype), t, ctx.to(dtype), pos_map=pos.expand(n, -1, -1),
-                                    aspect=aspect, tread_rate=rate, generator=generator)
+                                    aspect=aspect, tread_rate=rate, generator=draws)
 
         return guided_denoiser(velocity, cond, uncond, guidance_scale, tread_gamma, batch=batch)
 
-    def noise(self, count: int, height: int, width: int,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-        """Starting latents (count, C, h, w), drawn on the generator's device, float32."""
+    def noise(self, count: int, height: int, width: int, generator=None) -> torch.Tensor:
+        """Starting latents (count, C, h, w), float32, drawn on the generator's device from
+        ``generator``, or image i's from ``generator[i]`` given a list."""
         f = self.vae.factor
-        shape = (count, self.vae.channels, height // f, width // f)
+        shape = (self.vae.channels, height // f, width // f)
+        if isinstance(generator, list):
+            return torch.stack([torch.randn(shape, generator=g, device=g.device).to(self.device)
+                                for g in generator])
         draw_device = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn(shape, generator=generator, device=draw_device).to(self.device)
+        return torch.randn((count, *shape), generator=generator, device=draw_device).to(self.device)
 
     def memory_estimate(self, height: int, width: int, images: int, guidance_scale: float = 3.0) -> int:
         """Bytes a call needs beyond the weights, roughly, from the shapes alone: the larger of the
@@ -200,7 +236,7 @@ class HomeDiffPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 16,
-                 guidance_scale: float = 3.0, generator: torch.Generator | None = None,
+                 guidance_scale: float = 3.0, generator=None,
                  num_images_per_prompt: int = 1, camera: dict | None = None,
                  tread_gamma=(0.0, 0.0), sampler: str = "euler", shift: float = 1.0,
                  output_type: str = "pil", *, latents: torch.Tensor | None = None,
@@ -215,6 +251,9 @@ class HomeDiffPipeline:
         v = v_u + s·(v_c − v_u); 1 runs the conditional branch only. camera: {"zoom", "x_shift",
         "y_shift"}. tread_gamma: (γ_c, γ_u) routing rates, 0 = none. sampler: "euler" or "heun";
         shift: time-grid shift (1 = HDM's uniform grid). output_type: "pil", "np", "pt" or "latent".
+        generator: one ``torch.Generator`` for the whole batch, or a list with one per image: image
+        i then draws its noise and routing from ``generator[i]`` alone, so it equals the image
+        drawn by itself with that generator (up to the rounding of batched arithmetic).
 
         In diffusers' conventions: ``latents`` (the starting noise, one per image),
         ``prompt_embeds`` / ``negative_prompt_embeds`` (text states (B, T, D) in place of the
@@ -240,12 +279,16 @@ class HomeDiffPipeline:
         check_rates(tread_gamma)
         check_scale(guidance_scale)
 
-        cond = self.text_encoder.encode(prompts) if prompt_embeds is None else prompt_embeds
+        generator = _per_image(generator, len(prompts) * num_images_per_prompt)
+
+        with self._running(self.text_encoder):
+            cond = self.text_encoder.encode(prompts) if prompt_embeds is None else prompt_embeds
+            uncond = None
+            if guidance_scale != 1:
+                uncond = self.text_encoder.encode(negatives) if negative_prompt_embeds is None \
+                    else negative_prompt_embeds
         cond = cond.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
-        uncond = None
-        if guidance_scale != 1:
-            uncond = self.text_encoder.encode(negatives) if negative_prompt_embeds is None \
-                else negative_prompt_embeds
+        if uncond is not None:
             uncond = uncond.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
         denoise = self.denoiser(cond, uncond, height=height, width=width,
                                 guidance_scale=guidance_scale, camera=camera,
@@ -256,7 +299,7 @@ class HomeDiffPipeline:
                 raise ConfigError(f"latents must have the shape {tuple(start.shape)} for this request, "
                                   f"got {tuple(latents.shape)}")
             start = latents.to(self.device, torch.float32)
-        with self._progress_bar(num_inference_steps) as bar:
+        with self._running(self.transformer), self._progress_bar(num_inference_steps) as bar:
             def on_step(k, t, x):
                 bar.update(1)
                 if callback_on_step_end is None:
@@ -265,8 +308,10 @@ class HomeDiffPipeline:
                 returned = callback_on_step_end(self, k, t, given) or {}
                 return returned.get("latents")
             final = solve(denoise, start, ts, callback=on_step)
-        images = final if output_type == "latent" else _convert(
-            ((self.vae.decode(final) + 1) / 2).clamp(0, 1).cpu(), output_type)
+        if output_type == "latent":
+            return PipelineOutput(final) if return_dict else (final,)
+        with self._running(self.vae):
+            images = _convert(((self.vae.decode(final) + 1) / 2).clamp(0, 1).cpu(), output_type)
         return PipelineOutput(images) if return_dict else (images,)
 
     def _progress_bar(self, total: int):
@@ -350,10 +395,9 @@ class HomeDiffPipeline:
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device=None, dtype: torch.dtype | None = None,
                         torch_dtype: torch.dtype | None = None) -> "HomeDiffPipeline":
-        """Load a folder written by ``save_pretrained``; reads only local files. ``torch_dtype``
-        is diffusers' name for ``dtype``."""
-        dtype = dtype or torch_dtype
-        directory = Path(directory)
+        """Load a folder written by ``save_pretrained``, or a hub id ``owner/repo`` of one (through
+        the hub's cache; offline, the cache only). ``torch_dtype`` is diffusers' name for ``dtype``."""
+        directory = hub.resolve(directory, "pipeline")
         if not (directory / INDEX).is_file():
             raise CheckpointError(f"{directory}: not a homediff pipeline folder (no {INDEX}); "
                                   "for a released HDM file use HomeDiffPipeline.from_hdm_release")
@@ -364,53 +408,116 @@ class HomeDiffPipeline:
         for part in ("transformer", "text_encoder", "vae"):
             if not (directory / part).is_dir():
                 raise CheckpointError(f"{directory}: the component folder {part}/ is missing")
-        try:
-            config = XUTConfig.from_dict(json.loads((directory / "transformer/config.json").read_text()))
-            state = load_file(str(directory / "transformer" / WEIGHTS))
-        except (OSError, ValueError, SafetensorError) as err:
-            raise CheckpointError(f"{directory}/transformer: cannot read ({err})") from err
-        transformer = load_hdm_state_dict(XUT(config), state, str(directory / "transformer"))
-        pipe = cls(transformer, TextEncoder.from_pretrained(directory / "text_encoder"),
+        pipe = cls(load_transformer(directory / "transformer"),
+                   TextEncoder.from_pretrained(directory / "text_encoder"),
                    load_autoencoder(directory / "vae"), sample_size=index.get("sample_size", 256))
         for entry in index.get("lora", []):
             pipe.load_lora_weights(directory / entry["file"], entry["name"], entry["scale"])
-        return pipe.to(device=device, dtype=dtype)
+        return pipe.to(device=device, dtype=dtype or torch_dtype)
 
     @classmethod
     def from_hdm_release(cls, checkpoint: str | Path, text_encoder: str = RELEASE_TEXT_ENCODER,
-                         vae: str = RELEASE_VAE, *, arch=None, text_encoder_options: dict | None = None,
+                         vae: str | None = None, *, arch=None, text_encoder_options: dict | None = None,
                          sample_size: int = 1024) -> "HomeDiffPipeline":
-        """A pipeline around a released single-file HDM checkpoint (or a Lightning checkpoint).
+        """A pipeline around a released HDM model: a single file (or a Lightning checkpoint), a
+        folder or hub repository holding one such file, or the original's diffusers-layout folder
+        (``transformer/`` with its arch as ``config.json``, ``vae/``); hub ids as ``owner/repo``
+        or ``owner/repo/file.safetensors``.
 
-        The file holds the backbone (``unet.model.*``) and usually the VAE weights (``vae.*``) and
-        latent statistics (``vae_mean``, ``vae_std``); ``vae`` then only supplies the VAE's config.
-        ``text_encoder`` is a folder or hub id (its weights are replaced by the file's ``te.*``
-        tensors if it has them). ``arch``: the backbone's HDM arch JSON (dict or path) or an
-        ``XUTConfig``; default the released XUT-base.
+        A single file holds the backbone (``unet.model.*``) and usually the VAE weights (``vae.*``)
+        and latent statistics (``vae_mean``, ``vae_std``); ``vae`` then only supplies the VAE's
+        config (default the release's EQ-SDXL VAE). ``text_encoder`` is a folder or hub id (its
+        weights are replaced by the file's ``te.*`` tensors if it has them). ``arch``: the
+        backbone's HDM arch JSON (dict or path) or an ``XUTConfig``; default the JSON beside the
+        file (``NAME.json``, as ``homediff export`` writes it), else the released XUT-base.
         """
-        state = read_state_dict(checkpoint)
-        source = str(checkpoint)
-        transformer = load_hdm_state_dict(XUT(arch_config(arch)), state, source).eval()
+        source = hub.resolve(checkpoint, "HDM checkpoint")
+        if source.is_dir() and (source / "transformer").is_dir():
+            return cls._from_release_folder(source, text_encoder, vae, arch, text_encoder_options,
+                                            sample_size)
+        if source.is_dir():
+            files = sorted(source.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{checkpoint}: neither a homediff pipeline folder (no {INDEX}) "
+                                      "nor a folder holding a released HDM file (.safetensors)")
+            if len(files) > 1:
+                raise CheckpointError(f"{checkpoint}: {len(files)} .safetensors files in the folder: "
+                                      "name the one to load (a path, or owner/repo/FILE)")
+            source = files[0]
+        beside = source.with_suffix(".json")
+        if arch is None and beside.is_file():
+            arch = beside
+            logger.info("%s: arch from %s", source, beside)
+        state = read_state_dict(source)
+        transformer = load_hdm_state_dict(XUT(arch_config(arch)), state, str(source)).eval()
         vae_state = _with_prefix(state, "vae.")
         stats = {}
         if "vae_mean" in state and "vae_std" in state:
             stats = {"mean": state["vae_mean"].float(), "std": state["vae_std"].float()}
+        vae = vae or RELEASE_VAE
         if vae_state:
             autoencoder = KLAutoencoder.from_weights(vae, vae_state, **stats)
         else:
             autoencoder = KLAutoencoder.from_pretrained(vae, **stats)
         logger.info("%s: VAE weights from %s, latent statistics from %s", source,
                     "the checkpoint" if vae_state else vae, "the checkpoint" if stats else vae)
-        options = {"padding": "longest", "max_length": 512, **(text_encoder_options or {})}
-        encoder = TextEncoder.from_pretrained(text_encoder, **options)
+        encoder = _release_text_encoder(text_encoder, text_encoder_options)
         te_state = _with_prefix(state, "te.text_models.0.")
         if te_state:
-            encoder.load_weights(te_state, source)
+            encoder.load_weights(te_state, str(source))
         return cls(transformer, encoder, autoencoder, sample_size=sample_size)
+
+    @classmethod
+    def _from_release_folder(cls, folder: Path, text_encoder, vae, arch, text_encoder_options,
+                             sample_size: int) -> "HomeDiffPipeline":
+        """The original's diffusers layout: transformer/ (``config.json`` = the XUDiT arguments,
+        weights under ``model.``) and vae/; the text encoder is named separately."""
+        weights = sorted((folder / "transformer").glob("*.safetensors"))
+        if len(weights) != 1:
+            raise CheckpointError(f"{folder}/transformer: expected one .safetensors file, found "
+                                  f"{len(weights)}")
+        if arch is None:
+            try:
+                config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"{folder}/transformer/config.json: cannot read ({err})") from err
+            arch = {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers' own keys
+        transformer = load_hdm_state_dict(XUT(arch_config(arch)), read_state_dict(weights[0]),
+                                          str(weights[0])).eval()
+        vae = vae or (folder / "vae" if (folder / "vae").is_dir() else RELEASE_VAE)
+        return cls(transformer, _release_text_encoder(text_encoder, text_encoder_options),
+                   KLAutoencoder.from_pretrained(vae), sample_size=sample_size)
+
+
+def load_transformer(folder: str | Path) -> XUT:
+    """The XUT of a pipeline's ``transformer/`` folder (``config.json`` and the weights)."""
+    folder = Path(folder)
+    try:
+        config = XUTConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        state = load_file(str(folder / WEIGHTS))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{folder}: cannot read ({err})") from err
+    return load_hdm_state_dict(XUT(config), state, str(folder))
+
+
+def _release_text_encoder(name: str, options: dict | None) -> TextEncoder:
+    """The text encoder as the original's inference runs it: no padding beyond the longest prompt."""
+    return TextEncoder.from_pretrained(name, **{"padding": "longest", "max_length": 512, **(options or {})})
 
 
 def _with_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _per_image(generator, count: int):
+    """A list of generators, checked to hold one per image; a single generator for a single image
+    becomes a list of one, so that the image equals its twin drawn in a batch with a list."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != count:
+            raise ConfigError(f"got {len(generator)} generators for {count} images; give one "
+                              "generator, or one per image")
+        return list(generator)
+    return [generator] if generator is not None and count == 1 else generator
 
 
 def _negatives(negative_prompt, count: int) -> list[str]:

@@ -65,7 +65,7 @@ def test_weights_that_do_not_fit_the_config_are_named(pretrained, tmp_path):
     with pytest.raises(CheckpointError, match=r"does not fit this XUT config:\n.*shape mismatches"):
         Trainer(config, tmp_path / "run")
     missing = finetune_config(pretrained, tmp_path, init={"from": str(tmp_path / "nothing")})
-    with pytest.raises(CheckpointError, match="no such file, and not a homediff pipeline folder"):
+    with pytest.raises(CheckpointError, match="nothing: no such file or folder"):
         Trainer(missing, tmp_path / "run2")
 
 

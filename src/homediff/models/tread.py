@@ -20,12 +20,20 @@ def kept_count(n_image: int, rate: float) -> int:
     return n_image - math.floor(n_image * rate)
 
 
-def choose(batch: int, n_image: int, rate: float, *, generator: torch.Generator | None = None,
+def choose(batch: int, n_image: int, rate: float, *,
+           generator: torch.Generator | list[torch.Generator] | None = None,
            device: torch.device | None = None) -> torch.Tensor:
-    """Indices (B, K) of the kept image tokens per sample, ascending; drawn from ``generator``."""
+    """Indices (B, K) of the kept image tokens per sample, ascending; drawn from ``generator``, or
+    sample i's from ``generator[i]`` given a list (one per sample)."""
     keep = kept_count(n_image, rate)
-    draw_device = generator.device if generator is not None else device
-    scores = torch.rand(batch, n_image, generator=generator, device=draw_device)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+        scores = torch.cat([torch.rand(1, n_image, generator=g, device=g.device).to(generator[0].device)
+                            for g in generator])
+    else:
+        draw_device = generator.device if generator is not None else device
+        scores = torch.rand(batch, n_image, generator=generator, device=draw_device)
     kept = scores.argsort(dim=1)[:, :keep].sort(dim=1).values
     return kept if device is None else kept.to(device)
 

@@ -21,68 +21,77 @@ from pathlib import Path
 
 import torch
 
+from homediff import hub
 from homediff.encoders.autoencoders import Autoencoder, load_autoencoder
 from homediff.encoders.text import TextEncoder
-from homediff.errors import CheckpointError
 from homediff.models import XUT, load_hdm_state_dict
 from homediff.models.release import read_state_dict
 from homediff.pipeline import HomeDiffPipeline
 from homediff.training.config import TrainConfig
 
 
-def init_kind(config: TrainConfig) -> str | None:
-    """None (no init), "folder", "single" (a homediff model.safetensors) or "release"."""
+def init_source(config: TrainConfig) -> tuple[str, Path] | None:
+    """None (no init), or the kind ("folder", "single": a homediff model.safetensors, "release")
+    and the local path of ``init.from`` (a hub id is fetched through the hub's cache)."""
     if not config.init.from_:
         return None
-    path = Path(config.init.from_)
+    return _source(config.init.from_)
+
+
+@functools.lru_cache(maxsize=4)
+def _source(spec: str) -> tuple[str, Path]:
+    path = hub.resolve(spec, "init.from")
     if (path / "model_index.json").is_file():
-        return "folder"
-    if not path.is_file():
-        raise CheckpointError(f"init.from {path}: no such file, and not a homediff pipeline folder")
-    if path.suffix == ".safetensors":
+        return "folder", path
+    if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as file:
             if "homediff_config" in (file.metadata() or {}):
-                return "single"
-    return "release"
+                return "single", path
+    return "release", path
 
 
 @functools.lru_cache(maxsize=1)
-def _release(path: str, text_encoder: str, vae: str, arch: str, options: str) -> HomeDiffPipeline:
+def _release(path: Path, text_encoder: str, vae: str, arch: str, options: str) -> HomeDiffPipeline:
     return HomeDiffPipeline.from_hdm_release(path, text_encoder=text_encoder, vae=vae, arch=arch or None,
                                              text_encoder_options=json.loads(options))
 
 
-def _release_pipeline(config: TrainConfig) -> HomeDiffPipeline:
+def _release_pipeline(config: TrainConfig, path: Path) -> HomeDiffPipeline:
     options = json.dumps(dataclasses.asdict(config.text_encoder.options), sort_keys=True)
-    return _release(config.init.from_, config.text_encoder.name, config.autoencoder.name,
-                    config.init.arch, options)
+    return _release(path, config.text_encoder.name, config.autoencoder.name, config.init.arch, options)
 
 
 def init_text_encoder(config: TrainConfig) -> TextEncoder | None:
-    kind = init_kind(config)
-    options = dataclasses.asdict(config.text_encoder.options)
+    source = init_source(config)
+    if source is None or source[0] == "single":
+        return None
+    kind, path = source
     if kind == "folder":
-        return TextEncoder.from_pretrained(Path(config.init.from_) / "text_encoder", **options)
-    return _release_pipeline(config).text_encoder if kind == "release" else None
+        return TextEncoder.from_pretrained(path / "text_encoder",
+                                           **dataclasses.asdict(config.text_encoder.options))
+    return _release_pipeline(config, path).text_encoder
 
 
 def init_autoencoder(config: TrainConfig) -> Autoencoder | None:
-    kind = init_kind(config)
-    if kind == "folder":
-        return load_autoencoder(Path(config.init.from_) / "vae")
-    return _release_pipeline(config).vae if kind == "release" else None
+    source = init_source(config)
+    if source is None or source[0] == "single":
+        return None
+    kind, path = source
+    return load_autoencoder(path / "vae") if kind == "folder" else _release_pipeline(config, path).vae
 
 
 def load_backbone(model: XUT, config: TrainConfig) -> XUT:
-    """Copy the ``init.from`` backbone into ``model`` (built from the config), exactly."""
-    kind, path = init_kind(config), Path(config.init.from_)
+    """Copy the ``init.from`` backbone into ``model`` (built from the config), exactly. The
+    released pipeline read for it is let go afterwards (its backbone would be a second copy)."""
+    kind, path = init_source(config)
     if kind == "release":
-        state = _release_pipeline(config).transformer.state_dict()
+        state = _release_pipeline(config, path).transformer.state_dict()
+        _release.cache_clear()
     else:
         state = read_state_dict(path / "transformer" / "diffusion_pytorch_model.safetensors"
                                 if kind == "folder" else path)
     with torch.no_grad():
-        load_hdm_state_dict(model, state, f"init.from {path}")
+        load_hdm_state_dict(model, state, f"init.from {config.init.from_}")
     return model

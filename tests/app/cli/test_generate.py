@@ -90,7 +90,10 @@ def test_argument_mistakes_are_reported_before_the_model_loads(tmp_path, capsys)
 
 def test_missing_model_folder(tmp_path, capsys):
     assert generate(tmp_path / "nothing", tmp_path / "x.png") == 2
-    assert "not a homediff pipeline folder" in capsys.readouterr().err
+    assert "nothing: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert generate(tmp_path / "empty", tmp_path / "x.png") == 2
+    assert "neither a homediff pipeline folder" in capsys.readouterr().err
 
 
 def test_released_checkpoint_file(tmp_path, capsys):
@@ -143,7 +146,7 @@ def test_a_request_beyond_free_memory_is_refused_unless_forced(model_dir, tmp_pa
     monkeypatch.setattr(precision, "available_memory", lambda device: one - 1)
     assert generate(model_dir, tmp_path / "x.png", "--width", "16", "--height", "16") == 2
     err = capsys.readouterr().err
-    assert "an image of 16x16 needs about" in err and "GiB is free on cpu" in err and "--force" in err
+    assert "1 image(s) of 16x16 at once need about" in err and "GiB is free on cpu" in err and "--force" in err
     assert not (tmp_path / "x.png").exists()
     assert generate(model_dir, tmp_path / "x.png", "--width", "16", "--height", "16", "--force") == 0
 

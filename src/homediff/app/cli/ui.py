@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 
 def register(commands) -> None:
@@ -12,8 +11,8 @@ def register(commands) -> None:
         "ui", help="serve a web page to generate images, with camera control",
         description="Serve a Gradio page for a model at http://HOST:PORT (this machine only unless "
                     "--host says otherwise). Requests queue one at a time.")
-    ui.add_argument("--model", required=True, type=Path,
-                    help="a saved pipeline folder, or a released HDM checkpoint file")
+    ui.add_argument("--model", required=True,
+                    help="a saved pipeline folder, a released HDM checkpoint file, or a hub id of either")
     ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     ui.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per image (1024²)")
