@@ -1,11 +1,14 @@
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_components import OFFICIAL_SMALL
 
-from homediff.errors import CheckpointError
-from homediff.models import XUT, load_hdm_checkpoint
+from homediff.errors import CheckpointError, ConfigError
+from homediff.models import XUT, XUTConfig, load_hdm_checkpoint
+from homediff.models.release import to_hdm_release
 
 
 @pytest.fixture
@@ -90,3 +93,59 @@ def test_unreadable_file(tmp_path, official):
 def test_meta_file_and_json_path_as_arch(tmp_path, official_small):
     model = load_hdm_checkpoint(official_small / "model.safetensors", official_small / "meta.json")
     assert isinstance(model, XUT) and model.config.rope_init == "hdm"
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"enc_blocks": [1, 2, 1, 1], "dec_blocks": [3, 2, 2, 1], "in_channels": 16, "patch_size": 1},
+    {"tread_pre_blocks": 0, "tread_post_blocks": 0, "tread_rate": 0.0, "aspect_embedding": False},
+    {"tread_rate": 0.0, "rope_init": "spaced", "gradient_checkpointing": True}])
+def test_hdm_arch_config_round_trips(overrides):
+    config = XUTConfig(**overrides)
+    back = XUTConfig.from_hdm_config(config.to_hdm_config())
+    assert back == dataclasses.replace(config, rope_init="hdm", gradient_checkpointing=False)
+
+
+def test_official_arch_config_is_written_back(official):
+    arch, _ = official
+    written = XUTConfig.from_hdm_config(arch).to_hdm_config()
+    assert written == {k: v for k, v in arch.items() if k != "ctx_size"}  # ctx_size: left at default
+
+
+@pytest.mark.parametrize("overrides, message", [({"skip": "mirror"}, "model.skip='mirror'"),
+                                                ({"skip": "none"}, "model.skip='none'"),
+                                                ({"pooled_text": True}, "pooled_text")])
+def test_options_the_original_lacks_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        XUTConfig(**overrides).to_hdm_config()
+
+
+def test_release_layout_uses_the_original_key_names(tmp_path, official):
+    arch, state = official  # float16 weights, so the float16 export must give them back exactly
+    model = load_hdm_checkpoint(OFFICIAL_SMALL / "model.safetensors", arch)
+    mean, std = torch.arange(4.0), torch.arange(1.0, 5.0)
+    tensors, written = to_hdm_release(model, {"decoder.conv_out.bias": torch.ones(3)}, mean, std,
+                                      {"norm.weight": torch.ones(96)})
+    assert written == model.config.to_hdm_config()
+    backbone = {k.removeprefix("unet.model."): v for k, v in tensors.items() if k.startswith("unet.model.")}
+    assert backbone.keys() == state.keys()
+    assert all(torch.equal(backbone[k], v) and backbone[k].dtype == v.dtype for k, v in state.items())
+    assert tensors["vae.decoder.conv_out.bias"].dtype == torch.float16
+    assert tensors["te.text_models.0.norm.weight"].dtype == torch.float16
+    assert torch.equal(tensors["vae_mean"], mean.view(1, 4, 1, 1))
+    assert tensors["vae_std"].shape == (1, 4, 1, 1) and tensors["vae_std"].dtype == torch.float32
+    again = load_hdm_checkpoint(save(tmp_path / "hdm.safetensors", tensors), written)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+def test_release_layout_refuses_unfused_adapters(official):
+    pytest.importorskip("peft")
+    from homediff.models import lora
+
+    model = XUT.from_hdm_config(official[0])
+    lora.add_adapter(model, lora.LoraSettings(rank=2))
+    with pytest.raises(ConfigError, match="LoRA adapters that are not fused"):
+        to_hdm_release(model, {}, torch.zeros(4), torch.ones(4))
+    lora.fuse(model)
+    tensors, _ = to_hdm_release(model, {}, torch.zeros(4), torch.ones(4))
+    assert "unet.model.backbone.enc_blocks.0.0.attn.qkv.weight" in tensors
+    assert not any("lora_" in k or "base_layer" in k for k in tensors)

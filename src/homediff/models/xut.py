@@ -126,6 +126,29 @@ class XUTConfig:
             tread_rate=tread_cfg.get("dropout_ratio", 0.0),
             aspect_embedding=addon == 1, skip="last", rope_init="hdm")
 
+    def to_hdm_config(self) -> dict:
+        """The original HDM arch JSON (``XUDiT`` keyword arguments) of this config, the inverse of
+        ``from_hdm_config``. ``rope_init`` and ``gradient_checkpointing`` do not change the
+        trained function, so they are left out; what the original cannot build is refused."""
+        if self.skip != "last":
+            raise ConfigError(f"model.skip={self.skip!r} cannot be written as an HDM arch config: "
+                              "the original's decoder groups all attend to the last encoder "
+                              "output (skip='last')")
+        if self.pooled_text:
+            raise ConfigError("model.pooled_text=true cannot be written as an HDM arch config: "
+                              "the original has no pooled-text embedding")
+        routed = self.tread_pre_blocks or self.tread_post_blocks or self.tread_rate
+        tread_config = {"prev_trns_depth": self.tread_pre_blocks,
+                        "post_trns_depth": self.tread_post_blocks,
+                        "dropout_ratio": self.tread_rate} if routed else None
+        blocks = {name: value if isinstance(value, int) else list(value)
+                  for name, value in (("enc_blocks", self.enc_blocks), ("dec_blocks", self.dec_blocks))}
+        return {"patch_size": self.patch_size, "input_dim": self.in_channels, "dim": self.dim,
+                "ctx_dim": self.ctx_dim, "heads": self.dim // self.head_dim,
+                "dim_head": self.head_dim, "mlp_dim": self.mlp_dim, "depth": self.depth, **blocks,
+                "tread_config": tread_config,
+                "addon_info_embs_dim": 1 if self.aspect_embedding else None}
+
 
 PRESETS: dict[str, dict] = {
     # The HDM report's sizes (XUT-base is the released model).
