@@ -16,6 +16,7 @@ from homediff.app.cli import data as data_commands
 from homediff.app.cli import demo as demo_commands
 from homediff.app.cli import doctor as doctor_commands
 from homediff.app.cli import eval as eval_commands
+from homediff.app.cli import export as export_commands
 from homediff.app.cli import generate as generate_commands
 from homediff.app.cli import model as model_commands
 from homediff.app.cli import train as train_commands
@@ -23,7 +24,7 @@ from homediff.app.cli import ui as ui_commands
 from homediff.errors import HomediffError
 
 COMMAND_GROUPS = (demo_commands, data_commands, train_commands, generate_commands, eval_commands,
-                  ui_commands, model_commands, doctor_commands)
+                  ui_commands, model_commands, export_commands, doctor_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
