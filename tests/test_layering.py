@@ -17,10 +17,10 @@ import homediff
 PACKAGE = Path(homediff.__file__).parent
 LAYERS = [
     ["errors", "atomic"],
-    ["precision", "geometry", "figures", "exports", "extras", "caching"],
+    ["precision", "geometry", "figures", "exports", "extras", "caching", "hub"],
     ["data", "models", "diffusion", "encoders"],
     ["pipeline"],
-    ["training", "evaluation"],
+    ["training", "evaluation", "diffusers_pipeline"],
     ["app"],
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

@@ -132,3 +132,18 @@ def tiny_pipeline_folder(root: Path) -> Path:
     HomeDiffPipeline(tiny_xut(), encoder, KLAutoencoder(tiny_vae()), sample_size=16).save_pretrained(
         root / "model")
     return root / "model"
+
+
+def random_adapter(path: Path, settings, seed: int) -> Path:
+    """A LoRA adapter file for ``tiny_xut`` whose B matrices are random, so that it changes the output."""
+    from homediff.models import lora
+
+    model = tiny_xut()
+    lora.add_adapter(model, settings)
+    with torch.no_grad():
+        draw = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=draw) * 0.3)
+    lora.save_adapter(path, model, settings)
+    return path

@@ -3,7 +3,7 @@ adapters load back exactly, fused equals unfused within float32 round-off, sever
 
 import pytest
 import torch
-from tiny_components import qwen_folder, tiny_vae, tiny_xut
+from tiny_components import qwen_folder, random_adapter, tiny_vae, tiny_xut
 
 from homediff.encoders.autoencoders import KLAutoencoder
 from homediff.encoders.text import TextEncoder
@@ -27,19 +27,6 @@ def pipeline(encoder) -> HomeDiffPipeline:
 def image(pipe, seed=0) -> torch.Tensor:
     return pipe("a red cat", num_inference_steps=2, generator=torch.Generator().manual_seed(seed),
                 output_type="pt").images
-
-
-def random_adapter(path, settings, seed):
-    """An adapter file whose B matrices are random, so that it changes the output."""
-    model = tiny_xut()
-    lora.add_adapter(model, settings)
-    with torch.no_grad():
-        draw = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=draw) * 0.3)
-    lora.save_adapter(path, model, settings)
-    return path
 
 
 SETTINGS = lora.LoraSettings(rank=4, alpha=4.0, targets=("attention", "cross_attention", "mlp", "adaln", "text"))
