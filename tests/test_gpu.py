@@ -131,6 +131,27 @@ def test_sampling_on_cuda_matches_the_cpu(tmp_path):
     assert (on_cuda - reference).abs().max().item() <= tolerance
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_model_cpu_offload_keeps_only_the_running_component_on_cuda(tmp_path):
+    """Offloaded, the transformer runs on CUDA while the text encoder waits in CPU memory, everything is back in CPU memory afterwards, and the images are those of the
+    pipeline moved to CUDA whole (the same kernels on the same device)."""
+    pipe = _random_pipeline(tmp_path)
+    whole = copy.deepcopy(pipe).to("cuda")
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(
+        (next(module.parameters()).device.type, args[0].device.type, pipe.text_encoder.device.type)))
+    pipe.enable_model_cpu_offload()
+
+    def sample(p):
+        return p("a red square", num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    assert torch.equal(sample(pipe), sample(whole))
+    assert set(seen) == {("cuda", "cuda", "cpu")}
+    assert next(pipe.transformer.parameters()).device.type == "cpu" and pipe.text_encoder.device.type == "cpu"
+
+
 def test_gpu_benchmark_dry_run_prints_its_table():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)

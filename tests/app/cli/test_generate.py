@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from tiny_components import hdm_release, tiny_pipeline_folder
@@ -57,6 +58,13 @@ def test_image_k_of_a_batch_is_made_again_alone_with_seed_plus_k(model_dir, tmp_
     third = Image.open(tmp_path / "batch" / "002.png")
     assert json.loads(third.text["homediff"])["seed"] == 9
     assert third.tobytes() == Image.open(tmp_path / "alone.png").tobytes()
+    # drawn three at once, each image is its seed's up to the rounding of batched products: 8-bit
+    # pixels then differ by at most one level
+    assert generate(model_dir, tmp_path / "together", "--num", "3", "--batch-size", "3") == 0
+    for k in range(3):
+        batched = np.asarray(Image.open(tmp_path / "together" / f"00{k}.png"), dtype=int)
+        assert np.abs(batched - np.asarray(Image.open(tmp_path / "batch" / f"00{k}.png"), dtype=int)).max() <= 1
+    assert json.loads(Image.open(tmp_path / "together" / "002.png").text["homediff"])["height"] == 16
 
 
 def test_several_prompts_from_flags_and_a_file(model_dir, tmp_path):
