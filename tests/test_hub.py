@@ -13,7 +13,7 @@ from train_helpers import square_folder, text_encoder_folder, tiny_config
 from homediff import hub
 from homediff.encoders.text import TextEncoder
 from homediff.errors import CheckpointError
-from homediff.pipeline import HomeDiffPipeline
+from homediff.pipeline import HomeDiffPipeline, is_pipeline_folder
 from homediff.training.init import init_source, load_backbone
 
 
@@ -63,6 +63,7 @@ def test_ids_resolve_to_the_cached_snapshot_and_its_files(publish, folder):
 
 def test_from_pretrained_and_generate_take_a_hub_id(publish, folder, tmp_path):
     publish("me/tiny", folder)
+    assert is_pipeline_folder(folder)
     assert torch.equal(image(HomeDiffPipeline.from_pretrained("me/tiny")),
                        image(HomeDiffPipeline.from_pretrained(folder)))
     from homediff.app.cli import main
@@ -115,6 +116,9 @@ def test_a_released_file_by_repo_by_file_and_in_the_original_folder_layout(publi
     release.vae.save_pretrained(layout / "vae")
     (layout / "model_index.json").write_text(json.dumps({"_class_name": "HDMXUTPipeline"}))
     publish("me/layout", layout)
+    assert not is_pipeline_folder(layout)  # its model_index.json names the original's class
+    with pytest.raises(CheckpointError, match="does not name HomeDiffPipeline"):
+        HomeDiffPipeline.from_pretrained(layout)
     pipe = HomeDiffPipeline.from_hdm_release("me/layout", text_encoder=str(release.text_encoder), sample_size=16)
     official = load_file(OFFICIAL_SMALL / "model.safetensors")
     state = pipe.transformer.state_dict()

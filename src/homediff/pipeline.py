@@ -405,6 +405,9 @@ class HomeDiffPipeline:
             index = json.loads((directory / INDEX).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{directory / INDEX}: cannot read ({err})") from err
+        if not isinstance(index, dict) or not is_pipeline_folder(directory):
+            raise CheckpointError(f"{directory}: its {INDEX} does not name HomeDiffPipeline; for the "
+                                  "original HDM's folders use HomeDiffPipeline.from_hdm_release")
         for part in ("transformer", "text_encoder", "vae"):
             if not (directory / part).is_dir():
                 raise CheckpointError(f"{directory}: the component folder {part}/ is missing")
@@ -487,6 +490,20 @@ class HomeDiffPipeline:
         vae = vae or (folder / "vae" if (folder / "vae").is_dir() else RELEASE_VAE)
         return cls(transformer, _release_text_encoder(text_encoder, text_encoder_options),
                    KLAutoencoder.from_pretrained(vae), sample_size=sample_size)
+
+
+def is_pipeline_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder ``save_pretrained`` wrote, or a damaged one (``from_pretrained``
+    then says what is wrong). The original HDM's diffusers-layout folders have a model_index.json
+    too, naming another class."""
+    index = Path(path) / INDEX
+    if not index.is_file():
+        return False
+    try:
+        named = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "HomeDiffPipeline")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return named == "HomeDiffPipeline"
 
 
 def load_transformer(folder: str | Path) -> XUT:

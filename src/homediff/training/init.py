@@ -26,7 +26,7 @@ from homediff.encoders.autoencoders import Autoencoder, load_autoencoder
 from homediff.encoders.text import TextEncoder
 from homediff.models import XUT, load_hdm_state_dict
 from homediff.models.release import read_state_dict
-from homediff.pipeline import HomeDiffPipeline
+from homediff.pipeline import HomeDiffPipeline, is_pipeline_folder
 from homediff.training.config import TrainConfig
 
 
@@ -41,7 +41,7 @@ def init_source(config: TrainConfig) -> tuple[str, Path] | None:
 @functools.lru_cache(maxsize=4)
 def _source(spec: str) -> tuple[str, Path]:
     path = hub.resolve(spec, "init.from")
-    if (path / "model_index.json").is_file():
+    if is_pipeline_folder(path):
         return "folder", path
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open

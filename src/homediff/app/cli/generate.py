@@ -71,11 +71,11 @@ def load_pipeline(args):
     """The pipeline ``--model`` names (a folder, or a released file with its text encoder and
     VAE), with the ``--lora`` adapters, on ``--device`` in ``--dtype``; ``homediff ui`` uses it too."""
     from homediff import hub
-    from homediff.pipeline import INDEX, RELEASE_TEXT_ENCODER, HomeDiffPipeline
+    from homediff.pipeline import RELEASE_TEXT_ENCODER, HomeDiffPipeline, is_pipeline_folder
     from homediff.precision import resolve_device
 
     model = hub.resolve(args.model, "--model")
-    if (model / INDEX).is_file():
+    if is_pipeline_folder(model):
         pipe = HomeDiffPipeline.from_pretrained(model)
     else:
         pipe = HomeDiffPipeline.from_hdm_release(
