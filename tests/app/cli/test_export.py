@@ -37,10 +37,9 @@ def export(model, out, *extra):
 
 def released(out, model):
     """The exported file opened as homediff opens an original HDM file, with the folder's own
-    text-encoder options and VAE config."""
+    text-encoder options and VAE config; the arch is the JSON the export wrote beside the file."""
     options = dataclasses.asdict(HomeDiffPipeline.from_pretrained(model).text_encoder.config)
     return HomeDiffPipeline.from_hdm_release(out, text_encoder=model / "text_encoder", vae=model / "vae",
-                                             arch=out.with_suffix(".json"),
                                              text_encoder_options=options, sample_size=16)
 
 
