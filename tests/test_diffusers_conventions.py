@@ -26,7 +26,7 @@ def run(pipe, **options):
 
 def test_outputs_index_like_diffusers_and_return_dict_false_gives_a_tuple(pipe):
     out = run(pipe)
-    assert out[0] is out.images and out["images"] is out.images
+    assert out[0] is out.images and out["images"] is out.images and out.to_tuple() == (out.images,)
     (images,) = run(pipe, return_dict=False)
     assert torch.equal(images, out.images)
 

@@ -66,6 +66,9 @@ class PipelineOutput:
             return self.images
         raise KeyError(key)
 
+    def to_tuple(self) -> tuple:
+        return (self.images,)
+
 
 class HomeDiffPipeline:
     """Text encoder + XUT backbone + sampler + autoencoder. ``sample_size``: default image side."""
