@@ -1,14 +1,20 @@
-"""Figures drawn with Pillow (no plotting library needed): image grids and small line plots."""
+"""Figures drawn with Pillow (no plotting library needed): image grids, sample sheets and small
+line plots."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]  # matplotlib's tab10: ten curves before a colour repeats
+SHEET_TILE = 128  # a sample sheet enlarges its images (by a whole factor) to at least this width
+LINE = 14  # pixels per line of the sheet's 11-pixel text
+LABEL_LINES = 3  # the lines under each image (a longer prompt ends in "…")
+LABEL_BAND = LABEL_LINES * LINE + 6  # the band under each image
+HEADER = 2 * LINE + 6  # the title line and the column titles
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -96,3 +102,59 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]], scale: int = 2,
         for x, image in enumerate(images):
             sheet.paste(image.resize((width, height), Image.NEAREST), (label + x * width, top + y * height))
     return sheet
+
+
+def sample_sheet(rows: list[tuple[str, list[Image.Image]]], columns: list[str],
+                 title: str = "") -> Image.Image:
+    """Rows of equal-sized images with each row's text written under every image, the column
+    titles above them and ``title`` on top. Small images are enlarged by a whole factor (nearest
+    neighbour, so pixels stay sharp) to at least ``SHEET_TILE`` pixels wide; the sheet is
+    ``len(columns)`` tiles wide and ``HEADER + len(rows) · (tile height + LABEL_BAND)`` tall."""
+    width, height = rows[0][1][0].size
+    scale = max(1, math.ceil(SHEET_TILE / width))
+    tile_w, tile_h = width * scale, height * scale
+    font = _font()
+    sheet = Image.new("RGB", (tile_w * len(columns), HEADER + len(rows) * (tile_h + LABEL_BAND)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 2), title, fill="black", font=font)
+    for x, name in enumerate(columns):
+        draw.text((x * tile_w + 4, LINE + 4), _fit(name, font, tile_w - 8), fill="black", font=font)
+    for y, (text, images) in enumerate(rows):
+        top = HEADER + y * (tile_h + LABEL_BAND)
+        lines = _wrap(text, font, tile_w - 8, LABEL_LINES)
+        for x, image in enumerate(images):
+            sheet.paste(image.convert("RGB").resize((tile_w, tile_h), Image.NEAREST), (x * tile_w, top))
+            for k, line in enumerate(lines):
+                draw.text((x * tile_w + 4, top + tile_h + 3 + k * LINE), line, fill="black", font=font)
+    return sheet
+
+
+def _font() -> ImageFont.ImageFont:
+    """DejaVu Sans at 11 pixels where installed, else Pillow's built-in font."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", 11)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: float, lines: int) -> list[str]:
+    """``text`` in at most ``lines`` lines of at most ``width`` pixels, broken between words."""
+    out: list[str] = []
+    words = text.split()
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while words and font.getlength(f"{line} {words[0]}") <= width:
+            line = f"{line} {words.pop(0)}"
+        out.append(line)
+    if words:
+        out[-1] = f"{out[-1]} {' '.join(words)}"
+    return [_fit(line, font, width) for line in out]
+
+
+def _fit(text: str, font, width: float) -> str:
+    """``text``, cut and ended with "…" where it is wider than ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
