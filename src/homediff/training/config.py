@@ -67,14 +67,24 @@ class AutoencoderSection:
 
 @dataclass
 class DatasetSection:
+    """The training images and the held-out ones. ``val_path`` None is the ``heldout`` folder
+    beside ``path`` where there is one (``homediff data emoji|shapes OUT`` writes ``OUT/train`` and
+    ``OUT/heldout``), else "" (no held-out loss); it is resolved when the config is built."""
+
     path: str = ""  # an image folder, or a folder / glob of .tar shards
     kind: str = "auto"  # "folder", "shards" or "auto"
     workers: int = 2
     options: DataConfig = field(default_factory=DataConfig)  # its size is each stage's resolution
+    val_path: str | None = None  # a folder of held-out images, none of them in `path`
+    val_images: int = 32  # how many of them, evenly spaced in path order
 
     def __post_init__(self):
         _one_of(self.kind, ("auto", "folder", "shards"), "kind")
         _require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        _require(self.val_images >= 1, "val_images", f"must be at least 1, got {self.val_images}")
+        if self.val_path is None:  # the layout `homediff data emoji|shapes OUT` builds
+            beside = Path(self.path).parent / "heldout"
+            self.val_path = str(beside) if self.path and beside.is_dir() else ""
 
 
 @dataclass
@@ -185,10 +195,12 @@ class TrainSection:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # 0: keep all
     log_every: int = 10
-    sample_every: int = 0  # 0: only at the end of each stage
+    sample_every: int = 500  # a sheet every this many steps and at each stage's end (0: ends only)
     sample_prompts: list[str] = field(default_factory=list)
+    sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # a sheet's columns
     sample_steps: int = 24
     sample_cfg: float = 3.0
+    val_every: int = 100  # the held-out loss (dataset.val_path) every this many steps (0: off)
     time_mean: float = 0.0  # training flow times t = sigmoid(mean + std·N(0, 1)) (HDM: 0, 1)
     time_std: float = 1.0
     time_shift_base: int = 0  # > 0: times shifted towards noise by √(H·W)/base (SD3); 0: none (HDM)
@@ -209,8 +221,9 @@ class TrainSection:
                  f"must be in [0, 1), got {self.contrastive_weight}")
         for key in ("checkpoint_every", "log_every", "sample_steps", "max_bad_steps"):
             _require(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
-        for key in ("keep_checkpoints", "sample_every"):
+        for key in ("keep_checkpoints", "sample_every", "val_every"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _require(bool(self.sample_seeds), "sample_seeds", "must list at least one seed")
 
 
 @dataclass

@@ -4,9 +4,10 @@
     trainer.run()                   # or Trainer(..., resume="latest").run()
 
 A run folder holds ``checkpoints/`` (every ``checkpoint_every`` steps and at each stage's end),
-``logs/`` (TensorBoard), ``samples/`` (grids of fixed prompts and seeds from the EMA weights) and,
-at the end, ``model/`` (a pipeline folder of the EMA weights), ``model.safetensors`` (the EMA
-backbone in one file) and ``loss.png``. The same code runs on a CPU, one GPU, or many GPUs and
+``logs/`` (TensorBoard), ``samples/`` (sheets of the fixed prompts by the fixed seeds from the EMA
+weights, every ``sample_every`` steps and at each stage's end) and, at the end, ``model/`` (a
+pipeline folder of the EMA weights), ``model.safetensors`` (the EMA backbone in one file) and
+``loss.png``. The same code runs on a CPU, one GPU, or many GPUs and
 nodes under ``accelerate launch`` or ``torchrun``.
 
 FSDP (``ACCELERATE_USE_FSDP=true`` under torch.distributed) shards the backbone: see ``sharding``;
@@ -15,6 +16,9 @@ AdamW only, since Muon needs whole matrices.
 ``time_budget`` (seconds, single-stage configs; ``homediff demo``): every ``REFIT_EVERY`` steps the
 stage's length is re-fitted so that training ends on the budget at the mean step time so far, and
 the cosine learning-rate schedule follows the new length.
+
+With ``dataset.val_path``, every ``val_every`` steps and at each stage's end the EMA weights (the
+trained ones without an EMA) are scored on held-out images (``training.validation``).
 """
 
 from __future__ import annotations
@@ -35,19 +39,26 @@ from pathlib import Path
 import torch
 
 from homediff import precision
-from homediff.caching import TensorShards
 from homediff.atomic import replace_folder, write_atomically
+from homediff.caching import TensorShards
 from homediff.errors import CheckpointError, ConfigError, HomediffError
 from homediff.models import XUT, lora
 from homediff.models.flops import train_step_flops
 from homediff.models.layers import Block
 from homediff.training import sharding
-from homediff.training.checkpoint import Checkpoint, list_checkpoints, rng_state, save_tensors, set_rng_state
+from homediff.training.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    rng_state,
+    save_tensors,
+    set_rng_state,
+)
 from homediff.training.components import Builders, Components, lora_settings
 from homediff.training.config import StageConfig, TrainConfig, parse_toml, to_toml
 from homediff.training.objective import LossSettings
 from homediff.training.optim import full_tensor, lr_multiplier, set_lr
 from homediff.training.precisions import accelerator_precision, choose_precisions
+from homediff.training.validation import held_out_batches, validation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +85,7 @@ class Progress:
     epoch: int = 0  # epoch within the current stage
     batch: int = 0  # micro-batches of the current epoch already consumed
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
 
 
 class Trainer:
@@ -237,12 +249,10 @@ class Trainer:
                     continue
                 bad_steps = 0
                 self._optimizer_step(optimizer, stage, loss)
-                every = self.config.train.sample_every
-                if every and self.progress.step % every == 0:
-                    self.sample()
                 if self.time_budget and self.progress.stage_step % REFIT_EVERY == 0:
                     total = self._fit_to_time_budget(started, first_step)
                 done = self.progress.stage_step >= total
+                self._watch(parts, settings, stage_end=done)
                 stop = self._stop_reason()
                 if done:
                     self._next_stage_position()
@@ -251,8 +261,6 @@ class Trainer:
                 if stop:
                     break
                 if done:
-                    if every == 0:
-                        self.sample()
                     return True
         except _StopWhileWaiting:
             self.save_checkpoint(optimizer, index)
@@ -265,6 +273,13 @@ class Trainer:
         text = self.config.text_encoder.options
         self.text_encoder.config = dataclasses.replace(text, max_length=stage.text_length)
         self.stream = self.build.stream(self.config, index, self.device)
+        self.held_out = None
+        section, every = self.config.dataset, self.config.train.val_every
+        if every and section.val_path and self.accelerator.is_main_process:
+            self.held_out = held_out_batches(section, stage.resolution, stage.batch_size, self.stream)
+            self.monitor.say(f"held-out loss of the {'EMA' if self.ema else 'trained'} weights every "
+                             f"{every} steps on {sum(len(b['key']) for b in self.held_out)} images "
+                             f"of {section.val_path}")
         total = stage.steps or stage_length(stage, len(self.stream))
         self._announce_caches(stage)
         muon = self.precision["muon"]
@@ -455,25 +470,55 @@ class Trainer:
         weights = sharding.model_state(self.unwrapped, self.fsdp)
         return {**weights, **self.ema.state_dict()["shadow"]} if self.ema else weights
 
+    def _adapters(self) -> dict:
+        return {"default": lora_settings(self.config)} if self.config.lora.rank else {}
+
+    def _model_copy(self, weights: dict[str, torch.Tensor]) -> XUT:
+        """A copy of the backbone in eval mode holding ``weights``, made without drawing from the
+        global random generator (training's draws stay those of a run that never copies)."""
+        with torch.random.fork_rng(devices=[]):
+            model = XUT(self.unwrapped.config)
+            for name, settings in self._adapters().items():
+                lora.add_adapter(model, settings, name)
+        model.to(self.device).load_state_dict(weights)
+        return model.eval()
+
     def pipeline(self, weights: dict[str, torch.Tensor] | None = None):
         """A pipeline over a copy of the model holding ``weights``, by default ``_final_weights``."""
         from homediff.pipeline import HomeDiffPipeline
 
-        model = XUT(self.unwrapped.config)
-        adapters = {"default": lora_settings(self.config)} if self.config.lora.rank else {}
-        for name, settings in adapters.items():
-            lora.add_adapter(model, settings, name)
-        model.to(self.device).load_state_dict(self._final_weights() if weights is None else weights)
+        model = self._model_copy(self._final_weights() if weights is None else weights)
         stage = self.config.stages[min(self.progress.stage, len(self.config.stages) - 1)]
-        return HomeDiffPipeline(model.eval(), self.text_encoder, self.autoencoder,
-                                sample_size=stage.resolution, adapters=adapters)
+        return HomeDiffPipeline(model, self.text_encoder, self.autoencoder,
+                                sample_size=stage.resolution, adapters=self._adapters())
+
+    def _watch(self, parts: Components, settings: LossSettings, stage_end: bool) -> None:
+        """The sample sheet every ``sample_every`` steps, the validation loss every ``val_every``,
+        and both at a stage's end."""
+        step, train = self.progress.step, self.config.train
+        if stage_end or (train.sample_every and step % train.sample_every == 0):
+            self.sample()
+        if train.val_every and self.config.dataset.val_path and (stage_end or step % train.val_every == 0):
+            self.validate(parts, settings)
 
     def sample(self) -> None:
+        """Write the sample sheet of the current weights (see ``Monitor.samples``)."""
         if not self.config.train.sample_prompts:
             return
         weights = self._final_weights()  # every process takes part in gathering them under FSDP
         if self.accelerator.is_main_process:
             self.monitor.samples(self.pipeline(weights), self.config.train, self.progress.step)
+
+    def validate(self, parts: Components, settings: LossSettings) -> float | None:
+        """The held-out loss of the EMA weights (the trained ones without an EMA), kept in the
+        progress and logged. The main process computes it; every process gathers the weights."""
+        weights = self._final_weights()
+        if not self.accelerator.is_main_process:
+            return None
+        loss = validation_loss(self._model_copy(weights), self.held_out, parts, settings, self.device)
+        self.progress.val_losses.append((self.progress.step, loss))
+        self.monitor.validation(self.progress.step, loss)
+        return loss
 
     def _export(self) -> Path | None:
         self.accelerator.wait_for_everyone()

@@ -1,5 +1,6 @@
 """What a training run shows: a progress bar, TensorBoard (and optionally wandb) logs, sample
-grids, one line per checkpoint and, at the end, the loss curve. Only the main process shows."""
+sheets, the held-out loss, one line per checkpoint and, at the end, the loss curves. Only the main
+process shows."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from homediff.extras import require
-from homediff.figures import line_plot, smooth
+from homediff.figures import line_plot, sample_sheet, smooth
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class Monitor:
     def __init__(self, run_dir: Path, *, enabled: bool, wandb: bool, config):
         self.run_dir, self.enabled, self.config = run_dir, enabled, config
         self.bar = self.writer = self.wandb = None
+        self.postfix: dict[str, str] = {}  # the progress bar's values: train and held-out loss, …
         self.problems: Counter[str] = Counter()
         if not enabled:
             return
@@ -81,7 +83,8 @@ class Monitor:
         now = time.perf_counter()
         rate = self.images / max(now - self.last_time, 1e-9)
         mean = sum(self.window) / len(self.window)
-        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}")
+        self.postfix.update(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.1f}")
+        self.bar.set_postfix(self.postfix)
         scalars = {"loss": mean, "lr": lr, "grad_norm": float(grad_norm), "images_per_s": rate,
                    "tflops_per_s": rate * self.flops_per_image / 1e12, "memory_gb": _memory_gb()}
         if self.config.train.peak_tflops > 0:
@@ -102,20 +105,37 @@ class Monitor:
                  f"loss {mean:.4f} over the last {len(recent)} steps{extra} -> {path}")
 
     def samples(self, pipeline, train, step: int) -> Path:
-        """A grid of the fixed sample prompts, one seed each, saved as samples/step-N.png."""
-        from homediff.figures import image_grid
-
+        """The sample sheet: a row per sample prompt, a column per sample seed, the prompt under
+        every image; saved as samples/step-N.png and logged to TensorBoard as "samples". Image
+        (prompt, seed) starts from the noise a single call with a generator of that seed draws."""
         pipeline.set_progress_bar_config(disable=True)
-        images = [pipeline(prompt, num_inference_steps=train.sample_steps, guidance_scale=train.sample_cfg,
-                           generator=torch.Generator().manual_seed(seed)).images[0]
-                  for seed, prompt in enumerate(train.sample_prompts)]
+        size, seeds = pipeline.sample_size, train.sample_seeds
+        rows = []
+        for prompt in train.sample_prompts:  # one call per prompt: its seeds in one batch
+            start = torch.cat([pipeline.noise(1, size, size, torch.Generator().manual_seed(seed))
+                               for seed in seeds])
+            rows.append((prompt, pipeline(prompt, num_images_per_prompt=len(seeds), latents=start,
+                                          num_inference_steps=train.sample_steps,
+                                          guidance_scale=train.sample_cfg).images))
+        title = f"step {step}: {train.sample_steps} steps, guidance {train.sample_cfg:g}"
+        sheet = sample_sheet(rows, [f"seed {seed}" for seed in seeds], title)
         path = self.run_dir / "samples" / f"step-{step:08d}.png"
-        grid = image_grid(images)
-        grid.save(path)
+        sheet.save(path)
         if self.writer:
             import numpy as np
-            self.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+            self.writer.add_image("samples", np.asarray(sheet), step, dataformats="HWC")
         return path
+
+    def validation(self, step: int, loss: float) -> None:
+        """The held-out loss (``training.validation``) at ``step``."""
+        self.say(f"step {step}: held-out loss {loss:.4f}")
+        if self.bar:
+            self.postfix["val"] = f"{loss:.4f}"
+            self.bar.set_postfix(self.postfix)
+        if self.writer:
+            self.writer.add_scalar("val/loss", loss, step)
+        if self.wandb:
+            self.wandb.log({"val/loss": loss}, step=step)
 
     def finish(self, progress) -> None:
         if not self.enabled or not progress.losses:
@@ -123,8 +143,11 @@ class Monitor:
         steps = [s for s, _ in progress.losses]
         losses = [v for _, v in progress.losses]
         window = max(1, len(losses) // 50)
-        line_plot({"loss": (steps, losses), f"mean of {window}": (steps, smooth(losses, window))},
-                  self.run_dir / "loss.png", title="training loss", xlabel="step", ylabel="loss",
+        curves = {"loss": (steps, losses), f"mean of {window}": (steps, smooth(losses, window))}
+        if progress.val_losses:
+            curves["held-out"] = ([s for s, _ in progress.val_losses], [v for _, v in progress.val_losses])
+        title = "training and held-out loss" if progress.val_losses else "training loss"
+        line_plot(curves, self.run_dir / "loss.png", title=title, xlabel="step", ylabel="loss",
                   log_y=True)
 
     def close(self) -> None:
