@@ -60,7 +60,7 @@ def test_eval_shapes_scores_composition(setup, tmp_path, capsys):
 @pytest.mark.parametrize("words, message", [
     (["one", "two"], "expected MODEL_DIR or 'shapes MODEL_DIR'"),
     (["shapes"], "expected MODEL_DIR or 'shapes MODEL_DIR'"),
-    (["nowhere"], "not a homediff pipeline folder"),
+    (["nowhere"], "nowhere: no such file or folder"),
 ])
 def test_mistakes_are_reported(setup, capsys, words, message):
     assert main(["eval", *words, "--data", str(setup / "shapes")]) == 2
