@@ -35,12 +35,7 @@ def init_source(config: TrainConfig) -> tuple[str, Path] | None:
     and the local path of ``init.from`` (a hub id is fetched through the hub's cache)."""
     if not config.init.from_:
         return None
-    return _source(config.init.from_)
-
-
-@functools.lru_cache(maxsize=4)
-def _source(spec: str) -> tuple[str, Path]:
-    path = hub.resolve(spec, "init.from")
+    path = hub.resolve(config.init.from_, "init.from")
     if is_pipeline_folder(path):
         return "folder", path
     if path.suffix == ".safetensors" and path.is_file():
