@@ -408,7 +408,7 @@ class HomeDiffPipeline:
             index = json.loads((directory / INDEX).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{directory / INDEX}: cannot read ({err})") from err
-        if not isinstance(index, dict) or not is_pipeline_folder(directory):
+        if not isinstance(index, dict) or index.get("_class_name", cls.__name__) != cls.__name__:
             raise CheckpointError(f"{directory}: its {INDEX} does not name HomeDiffPipeline; for the "
                                   "original HDM's folders use HomeDiffPipeline.from_hdm_release")
         for part in ("transformer", "text_encoder", "vae"):
