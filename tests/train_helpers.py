@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from homediff.training import sharding
 from homediff.training.components import Builders
 from homediff.training.config import TrainConfig, config_from_dict
 from homediff.training.loop import Trainer
@@ -17,6 +23,10 @@ from homediff.training.monitor import Monitor
 from homediff.training.objective import training_loss
 
 EPS32 = torch.finfo(torch.float32).eps
+# what `accelerate launch` sets from an FSDP `accelerate config` (wrap by transformer block)
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
+            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40),
            "black": (10, 10, 10), "purple": (140, 40, 160), "orange": (240, 140, 20), "cyan": (30, 200, 210)}
 
@@ -141,33 +151,42 @@ def recording(**builders) -> Builders:
 
 @dataclass
 class Recording:
-    """A training run with random draws made per image: the trainer, its weights before training,
-    the images of each optimiser step and each step's gradient norm (before clipping)."""
+    """A training run with random draws made per image: the trainer, its weights and EMA (whole)
+    before training (after a resume, the checkpoint's), the step it began at, the images of each
+    optimiser step and each step's gradient norm (before clipping)."""
 
     trainer: Trainer
     initial: dict[str, torch.Tensor]
+    initial_ema: dict | None
+    start: int
     images: dict[int, list[str]]
 
     @property
     def losses(self) -> list[float]:
-        return [loss for _, loss in self.trainer.progress.losses]
+        """The losses of the steps this run trained (on a resume, not the checkpoint's)."""
+        return [loss for step, loss in self.trainer.progress.losses if step > self.start]
 
     @property
     def norms(self) -> list[float]:
         return self.trainer.monitor.norms
 
 
-def train_recording(config: TrainConfig, run_dir: Path) -> Recording:
+def train_recording(config: TrainConfig, run_dir: Path, **options) -> Recording:
+    """Train with ``PerImageDraws``; ``options`` go to the ``Trainer`` (``resume``, ``max_steps``).
+    Under FSDP every process must call this; only the first holds the whole ``initial``."""
     draws = PerImageDraws()
-    trainer = Trainer(config, run_dir, builders=recording(loss=draws))
-    initial = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
-    images: dict[int, list[str]] = {}
+    trainer = Trainer(config, run_dir, builders=recording(loss=draws), **options)
+    initial = {k: v.clone() for k, v in sharding.model_state(trainer.unwrapped, trainer.fsdp).items()}
+    ema = trainer.ema.state_dict() if trainer.ema else None
+    if ema:  # the live averages otherwise
+        ema["shadow"] = {k: v.clone() for k, v in ema["shadow"].items()}
+    start, images = trainer.progress.step, {}
 
     def callback(progress, batch):
         draws.callback(progress, batch)
         images.setdefault(progress.step, []).extend(Path(key).name for key in batch["key"])
     trainer.run(callback=callback)
-    return Recording(trainer, initial, images)
+    return Recording(trainer, initial, ema, start, images)
 
 
 def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -197,3 +216,34 @@ def assert_trained_alike(reference: Recording, losses: list[float], norms: list[
     start, moved = flat(reference.initial), flat(reference.trainer.unwrapped.state_dict())
     assert (moved - start).norm() > 0.1  # the weights did train
     assert (flat(weights) - moved).norm() <= 2 ** 10 * EPS32 * (moved - start).norm()
+
+
+def torchrun(launches: list[list[str]], logs: Path, timeout: float, env: dict | None = None) -> str:
+    """Run ``python -m torch.distributed.run`` once per argument list, side by side (one process
+    each, one thread per worker), and return their output, the first's first. A hung collective
+    would leave the workers behind their launchers, so on a timeout every launcher's process group
+    is killed and the test fails; so it does when one fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    logs.mkdir(parents=True, exist_ok=True)
+    files = [logs / f"launcher{i}.log" for i in range(len(launches))]
+    running = []
+    for arguments, file in zip(launches, files):
+        with open(file, "w") as out:
+            running.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *arguments],
+                                            env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True))
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [launcher.wait(timeout=max(0.0, deadline - time.monotonic())) for launcher in running]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for launcher in running:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait()
+    output = "\n".join(file.read_text() for file in files)
+    if codes is None:
+        pytest.fail(f"the workers did not finish in {timeout:.0f} s:\n{output[-3000:]}")
+    assert codes == [0] * len(codes), output[-3000:]
+    return output

@@ -82,7 +82,7 @@ def test_epoch_sampler_resumes_inside_an_epoch():
     sampler = EpochSampler(12, seed=1, rank=1, world_size=2)
     sampler.set_epoch(3)
     whole = list(sampler)
-    sampler.set_epoch(3, start=4)
+    sampler.set_epoch(3, start=8)  # the samples both ranks have taken: 4 each
     assert len(sampler) == 2 and list(sampler) == whole[4:]
     assert len(sampler) == 6 and min(sampler) >= 4 * 12  # then on to epoch 4, from its start
 

@@ -1,43 +1,22 @@
 """FSDP in two CPU processes over gloo: training, checkpoints, resuming, and Muon refused."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
-from train_helpers import square_folder, text_encoder_folder
+from train_helpers import FSDP_ENV, square_folder, text_encoder_folder, torchrun
 
 from homediff.models import XUT, XUTConfig
 from homediff.training.checkpoint import list_checkpoints, load_tensors
-
-# what `accelerate launch` sets from an FSDP `accelerate config` (wrap by transformer block)
-FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
-            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
-            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
 
 
 def test_fsdp_in_two_cpu_processes_trains_and_resumes_like_the_unbroken_run(tmp_path):
     data = square_folder(tmp_path / "squares")
     text = text_encoder_folder(tmp_path / "text")
     worker = Path(__file__).parents[1] / "fsdp_worker.py"
-    # --standalone picks a free port; 10-20 s on two shared cores. A hung collective would leave
-    # the workers behind their launcher, so the whole process group goes on a timeout.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(worker), str(tmp_path), str(data), str(text)]
-    with subprocess.Popen(command, env={**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1"},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as launcher:
-        try:
-            _, err = launcher.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            _, err = launcher.communicate()
-            pytest.fail("the FSDP workers did not finish in 120 s:\n" + err[-3000:])
-    assert launcher.returncode == 0, err[-3000:]
+    # --standalone picks a free port; 10-20 s on two shared cores
+    torchrun([["--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path), str(data), str(text)]],
+             tmp_path / "logs", timeout=120, env=FSDP_ENV)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank in ranks:
         assert rank["world"] == 2

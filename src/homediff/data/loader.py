@@ -76,11 +76,13 @@ def distributed_rank(rank: int | None = None, world_size: int | None = None) -> 
 
 
 class EpochSampler(Sampler[int]):
-    """Indices of a map-style dataset, a new permutation each epoch, split across ranks.
+    """Indices of a map-style dataset, a new permutation each epoch, dealt out to the ranks.
 
     Yields ``epoch · n + i`` so that the dataset (even in persistent workers) knows the epoch and
-    draws fresh crops. Each rank gets ``n // world_size`` indices, disjoint across ranks. The order
-    depends only on (seed, epoch), so ``set_epoch(epoch, start)`` resumes inside an epoch.
+    draws fresh crops. Rank r takes positions start + r, start + r + world_size, … of the epoch's
+    order, as many as every other rank, so that the ranks' first k batches of b together are the
+    k · b · world_size positions from ``start`` on. The order depends only on (seed, epoch), so
+    ``set_epoch(epoch, start)`` resumes inside an epoch, with this number of ranks or another.
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int | None = None,
@@ -92,10 +94,14 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         """Indices the next epoch yields on this rank."""
-        return self.n // self.world_size - self.start
+        return (self.n - self.start) // self.world_size
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Make the next pass epoch ``epoch``, skipping its first ``start`` indices of this rank."""
+        """Make the next pass epoch ``epoch`` from position ``start`` of its order on: the samples
+        that every rank together has taken, however many ranks there were."""
+        if not 0 <= start <= self.n:
+            raise ConfigError(f"cannot start at sample {start} of an epoch of {self.n}: the "
+                              "dataset has fewer images than the run that saved this position")
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
@@ -104,8 +110,7 @@ class EpochSampler(Sampler[int]):
                 self.seed * 1_000_003 + self.epoch))
         else:
             order = torch.arange(self.n)
-        per_rank = self.n // self.world_size
-        mine = order[self.rank:per_rank * self.world_size:self.world_size][self.start:]
+        mine = order[self.start + self.rank::self.world_size][:len(self)]
         offset = self.epoch * self.n
         self.epoch, self.start = self.epoch + 1, 0
         return iter((mine + offset).tolist())

@@ -1,8 +1,9 @@
 """The training loop's view of the data: one resumable stream of batches per stage.
 
-Folder datasets resume at (epoch, batch): the sampler's order is a function of the seed and the
-epoch, so skipping the consumed batches gives exactly the batches the interrupted run would have
-seen. Shard datasets resume at each loader worker's stream position.
+Folder datasets resume at (epoch, sample): the sampler's order is a function of the seed and the
+epoch, so dealing on from the samples all processes together have taken continues with the
+samples the interrupted run would have taken next, in as many processes or another number. Shard
+datasets resume at each loader worker's stream position.
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ class BatchStream:
         return make_loader(self.dataset, self.batch_size, workers=self.section.workers, seed=self.seed,
                            pin_memory=self.pin_memory)
 
-    def epoch(self, epoch: int, start_batch: int):
-        """Batches of one epoch from ``start_batch`` on (shards: the stream from where it stood)."""
+    def epoch(self, epoch: int, start: int):
+        """Batches of one epoch from its sample ``start`` on, counted over all processes (shards:
+        the stream from where it stood)."""
         if self.loader is None:
             self.loader = self._make_loader()
         if self.kind == "folder":
-            self.loader.sampler.set_epoch(epoch, start=start_batch * self.batch_size)
+            self.loader.sampler.set_epoch(epoch, start=start)
         for batch in self.loader:
             if self.kind == "shards":
                 self.shard_progress.update(batch)

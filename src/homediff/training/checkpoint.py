@@ -8,8 +8,9 @@ A checkpoint is a folder ``checkpoints/step-XXXXXXXX`` with one file per part::
     optimizer.safetensors   the optimiser's state and the fp16 loss scaler's
     data.json               the data stream's position (shards; folders resume from the progress)
     rng.safetensors         every process's random states
-    progress.json           steps, stage, epoch, batch, loss history, the precision choices
-    config.toml             the training config
+    progress.json           steps, stage, epoch, samples of the epoch taken, the processes the run
+                            began with, loss history, the precision choices
+    config.toml             the training config as given (for the processes the run began with)
 
 Nothing is pickled: tensors are safetensors, everything else JSON, so reading a checkpoint from
 elsewhere never runs code. A folder is written as ``….partial`` and renamed once every file in it is
@@ -215,6 +216,11 @@ class Checkpoint:
     ema: dict | None = None  # EMA.state_dict()
     data: dict | None = None
     rng: list[dict] | None = None
+
+    @property
+    def processes(self) -> int:
+        """How many processes the run had (one random state each)."""
+        return len(self.rng) if self.rng else 1
 
     def save(self, root: str | Path, keep: int = 0) -> Path:
         """Write ``root/step-XXXXXXXX`` atomically, keeping the newest ``keep`` (0: all)."""

@@ -11,7 +11,8 @@ pipeline folder of the EMA weights), ``model.safetensors`` (the EMA backbone in 
 nodes under ``accelerate launch`` or ``torchrun``.
 
 FSDP (``ACCELERATE_USE_FSDP=true`` under torch.distributed) shards the backbone: see ``sharding``;
-AdamW only, since Muon needs whole matrices.
+AdamW only, since Muon needs whole matrices. A run resumes in any number of processes, keeping
+each stage's global batch (see ``elastic``).
 
 ``time_budget`` (seconds, single-stage configs; ``homediff demo``): every ``REFIT_EVERY`` steps the
 stage's length is re-fitted so that training ends on the budget at the mean step time so far, and
@@ -45,7 +46,7 @@ from homediff.errors import CheckpointError, ConfigError, HomediffError
 from homediff.models import XUT, lora
 from homediff.models.flops import train_step_flops
 from homediff.models.layers import Block
-from homediff.training import sharding
+from homediff.training import elastic, sharding
 from homediff.training.checkpoint import (
     Checkpoint,
     list_checkpoints,
@@ -83,7 +84,8 @@ class Progress:
     stage: int = 0
     stage_step: int = 0  # optimiser steps in the current stage
     epoch: int = 0  # epoch within the current stage
-    batch: int = 0  # micro-batches of the current epoch already consumed
+    samples: int = 0  # samples of the current epoch taken so far, by all processes together
+    processes: int = 1  # processes the run began with, for which its config's grad_accum is given
     losses: list[tuple[int, float]] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
 
@@ -100,6 +102,9 @@ class Trainer:
             raise ConfigError("a time budget needs a positive number of seconds and a config with "
                               f"one stage (got {time_budget} s, {len(config.stages)} stages)")
         self.config, self.run_dir, self.build, self.clock = config, Path(run_dir), builders, clock
+        # checkpoints keep the config as given; a resume may fit self.config's grad_accum to
+        # another number of processes than the run began with (``elastic``)
+        self.run_config = config
         self.max_steps, self.time_budget = max_steps, time_budget
         self.checkpoint_every = checkpoint_every or config.train.checkpoint_every
         self.accelerator = _accelerator(config)
@@ -118,8 +123,10 @@ class Trainer:
         self.text_encoder = builders.text_encoder(config, self.device)
         self.autoencoder = builders.autoencoder(config, self.device)
         model = builders.model(config, self.text_encoder, self.autoencoder, self.device)
+        fitted = ""
         if saved:
             self._refuse_incompatible(saved, resume_path, model)
+            fitted = self._fit_to_processes(saved, resume_path)
         self.precision = choose_precisions(config, model, self.text_encoder, self.autoencoder.channels,
                                            self.autoencoder.factor, self.device,
                                            saved.precision if saved else None, agree=self._mean)
@@ -138,12 +145,12 @@ class Trainer:
                        for name, on in (("text", config.train.cache_text),
                                         ("latents", config.train.cache_latents)) if on}
         self._warn_about_workers()
-        self.progress = Progress()
+        self.progress = Progress(processes=self.accelerator.num_processes)
         self.monitor = builders.monitor(config, self.run_dir, self.accelerator.is_main_process)
         self.monitor.say("precision: autocast {autocast}, Muon {muon}, text encoder {text}".format(
             **{**self.precision, "autocast": self.precision["autocast"] or "off",
                "muon": self.precision["muon"] or "-"}))
-        self._resume_state = self._restore(saved, resume_path) if saved else None
+        self._resume_state = self._restore(saved, resume_path, fitted) if saved else None
         self._stop_signal: int | None = None
         self._between_steps = False  # waiting for the first micro-batch of a step
 
@@ -164,9 +171,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()  # every process, whatever it saw before the deletion
 
     def _refuse_incompatible(self, saved: Checkpoint, path: Path, model) -> None:
-        """A resume must continue the same run: the same backbone, the same batches per step in
-        the current stage and the same number of processes (positions and random states are per
-        process)."""
+        """A resume must continue the same run: the same backbone, and the same micro-batches and
+        accumulation in the current stage as its config gives them for the number of processes the
+        run began with (``_fit_to_processes`` fits them to another)."""
         built = {k: v for k, v in model.config.to_dict().items() if k != "gradient_checkpointing"}
         differ = [f"{k} {saved.model_config.get(k)!r} → {v!r}" for k, v in built.items()
                   if saved.model_config.get(k) != v]
@@ -178,13 +185,22 @@ class Trainer:
                 old, new = before[index].get(key, 1), getattr(self.config.stages[index], key)
                 if old != new:
                     problems.append(f"stages[{index}].{key} was {old}, now {new}")
-        if len(saved.rng or []) != self.accelerator.num_processes:
-            problems.append(f"it ran in {len(saved.rng or [])} processes, this run has "
-                            f"{self.accelerator.num_processes}")
         if problems:
             raise CheckpointError(f"{path}: cannot resume: {'; '.join(problems)}. Resume with the "
-                                  "config the run was trained with (its config.toml) and as many "
-                                  "processes, or start a new run")
+                                  "config the run was trained with (its config.toml), or start a "
+                                  "new run")
+
+    def _fit_to_processes(self, saved: Checkpoint, path: Path) -> str:
+        """In another number of processes than the run began with, scale every remaining stage's
+        grad_accum to keep its global batch, or refuse (see ``elastic``); returns what changed."""
+        after = self.accelerator.num_processes
+        try:
+            elastic.refuse_shard_positions(saved.data, saved.processes, after)
+            self.config, fitted = elastic.keep_global_batches(
+                self.config, saved.progress["stage"], _begun_in(saved), after)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from err
+        return fitted
 
     @property
     def unwrapped(self) -> XUT:
@@ -300,16 +316,18 @@ class Trainer:
         return optimizer, total
 
     def _step_batches(self, accumulate: int, callback):
-        """The micro-batches of each optimiser step, epoch after epoch, counted in the progress."""
-        group = []
+        """The micro-batches of each optimiser step, epoch after epoch, counted in the progress
+        in samples of all processes together (a resume in another number of them deals on from
+        there)."""
+        group, taken = [], self.stream.batch_size * self.accelerator.num_processes
         while True:
-            start, seen = self.progress.batch, 0
+            start, seen = self.progress.samples, 0
             batches = self.stream.epoch(self.progress.epoch, start)
             while (batch := self._next_batch(batches, between_steps=not group)) is not None:
                 if callback:
                     callback(self.progress, batch)
                 self.monitor.count_problems(batch)
-                self.progress.batch += 1
+                self.progress.samples += taken
                 seen += 1
                 group.append(batch)
                 if len(group) == accumulate:
@@ -319,7 +337,7 @@ class Trainer:
                 raise ConfigError(f"{self.config.dataset.path}: an epoch gave no batch (fewer "
                                   "usable images than the batch size?)")
             self.progress.epoch += 1
-            self.progress.batch = 0
+            self.progress.samples = 0
 
     def _next_batch(self, batches, between_steps: bool) -> dict | None:
         """The next batch of the epoch (None at its end), marking a wait between steps, when a
@@ -385,7 +403,7 @@ class Trainer:
 
     def _next_stage_position(self) -> None:
         self.progress.stage += 1
-        self.progress.stage_step = self.progress.epoch = self.progress.batch = 0
+        self.progress.stage_step = self.progress.epoch = self.progress.samples = 0
 
     def _announce_caches(self, stage: StageConfig) -> None:
         """Say how much disk the caches will take for one crop and caption per image."""
@@ -419,7 +437,7 @@ class Trainer:
         checkpoint = Checkpoint(
             progress=dataclasses.asdict(self.progress), precision=self.precision,
             model=self._trained_state(),
-            model_config=self.unwrapped.config.to_dict(), config=to_toml(self.config),
+            model_config=self.unwrapped.config.to_dict(), config=to_toml(self.run_config),
             optimizer={"optimizer": optimizer_state if within else None,
                        "scaler": scaler.state_dict() if scaler else None},
             ema=self.ema.state_dict() if self.ema else None,
@@ -442,9 +460,10 @@ class Trainer:
         trained = {name for name, p in self.unwrapped.named_parameters() if p.requires_grad}
         return {name: value for name, value in state.items() if name in trained}
 
-    def _restore(self, checkpoint: Checkpoint, path: Path) -> dict:
-        """Load a checkpoint's weights, progress and random states; returns what the stage's
-        optimiser and data stream restore when they exist."""
+    def _restore(self, checkpoint: Checkpoint, path: Path, fitted: str) -> dict:
+        """Load a checkpoint's weights, progress and random states (``fitted``: how the run was
+        fitted to another number of processes); returns what the stage's optimiser and data stream
+        restore when they exist."""
         if self.config.lora.rank:  # the adapters; the base weights came from init.from
             expected = set(self._trained_state())
             if set(checkpoint.model) != expected:
@@ -454,12 +473,21 @@ class Trainer:
             sharding.load_model_state(self.unwrapped, checkpoint.model, self.fsdp)
         if self.ema and checkpoint.ema:
             self.ema.load_state_dict(checkpoint.ema)
-        self.progress = Progress(**checkpoint.progress)
-        own = checkpoint.rng[self.rank]
-        set_rng_state(own["global"])
-        self.generator.set_state(own["generator"])
+        self.progress = _progress(checkpoint, self.config)
         self.monitor.say(f"resumed from {path} at step {self.progress.step} "
                          f"(stage {self.progress.stage + 1}, step {self.progress.stage_step} of the stage)")
+        if fitted:
+            self.monitor.say(fitted)
+        if checkpoint.processes == self.accelerator.num_processes:
+            own = checkpoint.rng[self.rank]
+            set_rng_state(own["global"])
+            self.generator.set_state(own["generator"])
+        else:
+            elastic.seed_process(self.config.train.seed, self.progress.step, self.rank, self.generator)
+            self.monitor.say(f"the checkpoint holds the random states of {checkpoint.processes} "
+                             f"processes, not {self.accelerator.num_processes}: noise, flow times and "
+                             "routing now come from states made from the seed, the step and the "
+                             "process, and differ from an unbroken run's")
         return {**checkpoint.optimizer, "data": checkpoint.data}
 
     # -- samples and export ------------------------------------------------------------------
@@ -561,6 +589,21 @@ def _accelerator(config: TrainConfig):
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=accelerator_precision(config), kwargs_handlers=handlers,
                        cpu=multi_cpu)
+
+
+def _begun_in(checkpoint: Checkpoint) -> int:
+    """The number of processes a checkpoint's run began with (earlier versions never changed it)."""
+    return checkpoint.progress.get("processes", checkpoint.processes)
+
+
+def _progress(checkpoint: Checkpoint, config: TrainConfig) -> Progress:
+    """A checkpoint's progress. Earlier versions counted the epoch's position in micro-batches per
+    process (``batch``): those become samples."""
+    fields = {**checkpoint.progress, "processes": _begun_in(checkpoint)}
+    if "batch" in fields:
+        stage = config.stages[min(fields["stage"], len(config.stages) - 1)]
+        fields["samples"] = fields.pop("batch") * stage.batch_size * checkpoint.processes
+    return Progress(**fields)
 
 
 def _merge_positions(states: list[dict | None]) -> dict | None:

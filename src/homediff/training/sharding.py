@@ -4,7 +4,8 @@
 the trainer shard the backbone itself with torch's ``fully_shard`` (FSDP2): each transformer block
 is one unit of gathering and resharding, the remaining tensors another, on GPUs and CPUs alike
 (accelerate ignores FSDP on CPUs, and prepares FSDP2 only together with an optimiser). Checkpoints
-hold whole tensors, as without FSDP. Every function here that gathers must be called by every
+hold whole tensors, as without FSDP, so that a run resumes with or without FSDP in any number of
+processes, each taking its shards of them. Every function here that gathers must be called by every
 process; with ``sharded=False`` each is the plain ``state_dict`` / ``load_state_dict``.
 """
 
@@ -70,9 +71,23 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded:
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                          sharded: bool) -> None:
+    """A state of either kind into the optimiser, so that a run resumes with or without FSDP
+    (``load_state_dict`` matches parameters by their order, whatever their keys)."""
     if not sharded:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=_whole())
+    set_optimizer_state_dict(model, optimizer, _keyed_by_name(model, optimizer, state), options=_whole())
+
+
+def _keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """``state`` keyed by parameter name; ``Optimizer.state_dict`` numbers the parameters in the
+    order of the optimiser's groups."""
+    if all(isinstance(key, str) for group in state["param_groups"] for key in group["params"]):
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[key]: value for key, value in state["state"].items()},
+            "param_groups": [{**group, "params": [order[key] for key in group["params"]]}
+                             for group in state["param_groups"]]}
