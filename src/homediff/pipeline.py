@@ -92,6 +92,7 @@ class HomeDiffPipeline:
         self._offload_device: torch.device | None = None  # set by enable_model_cpu_offload
         self.lora_scales: dict[str, float] = {}  # the adapters loaded, in order, and their scales
         self._lora_settings: dict = dict(adapters or {})
+        self._default_names = 0  # adapter_N names handed out so far: never handed out again
         if adapters:
             self.set_adapters(list(adapters))
 
@@ -327,17 +328,25 @@ class HomeDiffPipeline:
     def load_lora_weights(self, path: str | Path, adapter_name: str | None = None,
                           scale: float = 1.0) -> str:
         """Add the adapter in ``path`` (a homediff LoRA file) at ``scale``, beside any loaded
-        before; returns its name (default ``adapter_N``)."""
+        before; returns its name (default ``adapter_N``, a name this pipeline has not used before)."""
         settings, state = lora.read_adapter(path)
-        name = adapter_name or f"adapter_{len(self.lora_scales)}"
         if lora.is_fused(self.transformer):
             raise ConfigError("adapters are fused: unfuse_lora() before loading another")
+        name = adapter_name or self._new_adapter_name()
         lora.add_adapter(self.transformer, settings, name)
         lora.load_adapter_state(self.transformer, state, name, str(path))
         self.transformer.requires_grad_(False)
         self._lora_settings[name] = settings
         self.set_adapters(list(self.lora_scales) + [name], list(self.lora_scales.values()) + [scale])
         return name
+
+    def _new_adapter_name(self) -> str:
+        """The next ``adapter_N`` not handed out before and not taken by a name given."""
+        while True:
+            name = f"adapter_{self._default_names}"
+            self._default_names += 1
+            if name not in self._lora_settings:
+                return name
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights=None) -> None:
         """Use exactly these adapters, at these scales (default 1 each)."""

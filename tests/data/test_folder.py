@@ -7,6 +7,7 @@ from PIL import Image
 
 from homediff.data import DataConfig, FolderDataset, scan_folder
 from homediff.data import folder as folder_module
+from homediff.data.check import check_folder
 from homediff.errors import HomediffError
 
 CONFIG = DataConfig(size=16, captions={"caption_dropout": 0.0})
@@ -131,3 +132,29 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     (tmp_path / "alias").symlink_to(tmp_path / "real")
     found = [e.image for e in scan_folder(tmp_path, cache=False)]
     assert found in (["alias/a.png"], ["real/a.png"])
+
+
+def test_folder_links_out_of_the_data_set_are_counted_named_and_not_scanned(tmp_path, caplog):
+    data, system = tmp_path / "data", tmp_path / "system"
+    save_image(data / "good.png", caption="good")
+    (system / "lib").mkdir(parents=True)
+    for i in range(3):
+        (system / "lib" / f"{i}.png").touch()  # listed by a scan, never opened
+    (data / "sys").symlink_to(system)
+    (data / "sub").mkdir()
+    (data / "sub" / "lib").symlink_to(system / "lib")
+    cache = tmp_path / "index"
+    for _ in range(2):  # scanned, then read from the index: said both times
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert [e.image for e in scan_folder(data, cache)] == ["good.png"]
+        real = system.resolve()
+        assert (f"{data.resolve()}: not scanned, 2 link(s) to folders outside it (sub/lib → "
+                f"{real / 'lib'}, sys → {real}); set allow_outside_links") in caplog.text
+    followed = [e.image for e in scan_folder(data, cache, outside_links=True)]
+    assert followed == ["good.png", "sub/lib/0.png", "sub/lib/1.png", "sub/lib/2.png"] or \
+        followed == ["good.png", "sys/lib/0.png", "sys/lib/1.png", "sys/lib/2.png"]
+    config = DataConfig(size=16, allow_outside_links=True)
+    assert len(FolderDataset(data, config, cache=False)) == 4
+    assert len(FolderDataset(data, CONFIG, cache=False)) == 1
+    assert check_folder(data, config, cache=False).samples == 4  # homediff data check

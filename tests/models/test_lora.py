@@ -9,7 +9,6 @@ from homediff.encoders.autoencoders import KLAutoencoder
 from homediff.encoders.text import TextEncoder
 from homediff.errors import CheckpointError, ConfigError
 from homediff.models import lora
-from homediff.models.release import refuse_lycoris
 from homediff.pipeline import HomeDiffPipeline
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -107,6 +106,20 @@ def test_several_adapters_mix_with_their_own_scales(encoder, tmp_path):
     assert not torch.equal(image(both), image(only_a))
 
 
+def test_default_adapter_names_are_never_reused(encoder, tmp_path):
+    """Names stay unique for the pipeline's life: after set_adapters drops one, and after unloading."""
+    pipe = pipeline(encoder)
+    files = [random_adapter(tmp_path / f"{i}.safetensors", SETTINGS, 10 + i) for i in range(4)]
+    assert [pipe.load_lora_weights(files[i]) for i in range(2)] == ["adapter_0", "adapter_1"]
+    pipe.set_adapters(["adapter_0"])
+    assert pipe.load_lora_weights(files[2]) == "adapter_2"
+    assert pipe.get_active_adapters() == ["adapter_0", "adapter_2"]
+    pipe.unload_lora_weights()
+    assert pipe.load_lora_weights(files[3], adapter_name="adapter_4") == "adapter_4"
+    assert pipe.load_lora_weights(files[0]) == "adapter_3"
+    assert pipe.load_lora_weights(files[1]) == "adapter_5"  # adapter_4 was taken by name
+
+
 def test_a_damaged_or_foreign_adapter_file_is_a_clear_error(encoder, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
     pipe = pipeline(encoder)
@@ -116,11 +129,3 @@ def test_a_damaged_or_foreign_adapter_file_is_a_clear_error(encoder, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="not a homediff LoRA file"):
         pipe.load_lora_weights(tmp_path / "plain.safetensors")
-
-
-@pytest.mark.parametrize("key, kind", [("lycoris_model.unet_x.lora_down.weight", "LoCon"),
-                                       ("lycoris_model.unet_x.hada_w1_a", "LoHa"),
-                                       ("lycoris_model.unet_x.lokr_w1", "LoKr")])
-def test_released_lycoris_tensors_are_refused_by_name(key, kind):
-    with pytest.raises(CheckpointError, match=f"holds a LyCORIS fine-tune \\({kind}: 1 tensors"):
-        refuse_lycoris({key: torch.zeros(1), "unet.model.x": torch.zeros(1)}, "hdm.safetensors")

@@ -90,6 +90,19 @@ def test_unreadable_file(tmp_path, official):
         load_hdm_checkpoint(tmp_path / "absent.safetensors", arch)
 
 
+@pytest.mark.parametrize("key, kind", [("lycoris_model.unet_x.lora_down.weight", "LoCon"),
+                                       ("lycoris_model.unet_x.hada_w1_a", "LoHa"),
+                                       ("lycoris_model.unet_x.lokr_w1", "LoKr")])
+def test_a_file_with_a_lycoris_fine_tune_is_refused(tmp_path, official, key, kind):
+    """The original's LyCORIS fine-tunes keep their tensors beside the backbone: loading the file
+    must fail, not give the base model."""
+    arch, state = official
+    release = {"unet.model." + k: v for k, v in state.items()} | {key: torch.zeros(2)}
+    path = save(tmp_path / "ft.safetensors", release)
+    with pytest.raises(CheckpointError, match=f"ft.safetensors holds a LyCORIS fine-tune \\({kind}: 1 tensors"):
+        load_hdm_checkpoint(path, arch)
+
+
 def test_meta_file_and_json_path_as_arch(tmp_path, official_small):
     model = load_hdm_checkpoint(official_small / "model.safetensors", official_small / "meta.json")
     assert isinstance(model, XUT) and model.config.rope_init == "hdm"

@@ -65,7 +65,7 @@ def check_folder(root: str | Path, config: DataConfig | None = None, size: int |
     """Check every image under ``root`` (see ``problems`` for the kinds). ``size``: the crop size
     to check against (too-small, upscaled), or None to skip size checks."""
     root, config = Path(root), config or DataConfig()
-    entries = scan_folder(root, cache, config.caption_extension)
+    entries = scan_folder(root, cache, config.caption_extension, config.allow_outside_links)
     report = CheckReport(warning=missing_captions(entries, config))
     check = functools.partial(_check_entry, root, config, size)
     with progress(f"checking {root}", len(entries), "image") as bar:

@@ -1,9 +1,12 @@
 """Folder datasets in the kohya layout: images with same-stem ``.txt`` captions, found recursively.
 
 A sub-folder named ``N_name`` (N a positive integer) repeats the images below it N times (the
-nearest such folder counts). Hidden files and folders are ignored. The index is cached in the user
-cache folder (``$XDG_CACHE_HOME/homediff/index``, else ``~/.cache/...``), keyed by the folder's
-absolute path, and rebuilt when any folder's modification time changes (a file added or removed).
+nearest such folder counts). Hidden files and folders are ignored. Links to folders are followed
+once, and only within the root unless ``outside_links``: the scan never wanders into a system
+folder that a link points at; the links left out are counted and named in a warning. The index is
+cached in the user cache folder (``$XDG_CACHE_HOME/homediff/index``, else ``~/.cache/...``), keyed
+by the folder's absolute path, and rebuilt when any folder's modification time changes (a file
+added or removed).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from homediff.errors import HomediffError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _REPEAT = re.compile(r"^(\d+)_.")
 
 
@@ -42,11 +45,19 @@ class Entry:
     repeats: int
 
 
-def _walk(root: Path, caption_extension: str = ".txt") -> tuple[list[Entry], dict[str, int]]:
-    """Scan ``root`` recursively: entries, and each folder's mtime (ns) for cache validation.
-    Extensions match in any case (``.PNG``, ``.TXT``)."""
+def _leads_outside(root: Path, path: str | Path) -> bool:
+    """Whether ``path``, its links resolved, lies outside ``root``."""
+    return not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+
+
+def _walk(root: Path, caption_extension: str = ".txt",
+          outside_links: bool = False) -> tuple[list[Entry], dict[str, int], dict[str, str]]:
+    """Scan ``root`` recursively: entries, each folder's mtime (ns) for cache validation, and the
+    folder links not followed because they lead out of ``root`` (path → target). Extensions match
+    in any case (``.PNG``, ``.TXT``)."""
     entries: list[Entry] = []
     mtimes: dict[str, int] = {}
+    outside: dict[str, str] = {}
     visited: set[tuple[int, int]] = set()  # (device, inode): symlinked folders are followed once
     pending = [("", 1)]
     bar = progress(f"scanning {root}", None, "folder")
@@ -64,6 +75,9 @@ def _walk(root: Path, caption_extension: str = ".txt") -> tuple[list[Entry], dic
                 if item.name.startswith("."):
                     continue
                 if item.is_dir():
+                    if not outside_links and item.is_symlink() and _leads_outside(root, item.path):
+                        outside[rel + item.name] = os.path.realpath(item.path)
+                        continue
                     match = _REPEAT.match(item.name)
                     count = int(match.group(1)) if match and int(match.group(1)) > 0 else repeats
                     pending.append((f"{rel}{item.name}/", count))
@@ -80,7 +94,16 @@ def _walk(root: Path, caption_extension: str = ".txt") -> tuple[list[Entry], dic
         bar.set_postfix(images=len(entries), refresh=False)
     bar.close()
     entries.sort(key=lambda e: e.image)
-    return entries, mtimes
+    return entries, mtimes, outside
+
+
+def _warn_outside(root: Path, outside: dict[str, str], shown: int = 5) -> None:
+    if not outside:
+        return
+    links = ", ".join(f"{link} → {target}" for link, target in sorted(outside.items())[:shown])
+    more = f" and {len(outside) - shown} more" if len(outside) > shown else ""
+    logger.warning("%s: not scanned, %d link(s) to folders outside it (%s%s); set "
+                   "allow_outside_links to follow them", root, len(outside), links, more)
 
 
 def _index_valid(root: Path, mtimes: dict[str, int]) -> bool:
@@ -90,10 +113,11 @@ def _index_valid(root: Path, mtimes: dict[str, int]) -> bool:
         return False
 
 
-def scan_folder(root: str | Path, cache: bool | str | Path = True,
-                caption_extension: str = ".txt") -> list[Entry]:
+def scan_folder(root: str | Path, cache: bool | str | Path = True, caption_extension: str = ".txt",
+                outside_links: bool = False) -> list[Entry]:
     """Every image under ``root`` with its caption file (same stem, ``caption_extension``) and
-    repeat count, sorted by path.
+    repeat count, sorted by path; folder links that lead out of ``root`` are followed only with
+    ``outside_links`` (a warning counts and names those left out).
 
     ``cache``: True (``user_cache_dir("index")``), a folder to keep index files in, or False.
     """
@@ -101,18 +125,22 @@ def scan_folder(root: str | Path, cache: bool | str | Path = True,
     if not root.is_dir():
         raise HomediffError(f"{root}: not a folder; give the folder that holds the images")
     if not cache:
-        return _walk(root, caption_extension)[0]
+        entries, _, outside = _walk(root, caption_extension, outside_links)
+        _warn_outside(root, outside)
+        return entries
     index = json_file_cache(user_cache_dir("index") if cache is True else cache)
-    key = cache_key("folder index", INDEX_VERSION, str(root), caption_extension.lower())
+    key = cache_key("folder index", INDEX_VERSION, str(root), caption_extension.lower(), outside_links)
     stored = index.get(key)
     try:
         if stored and stored["root"] == str(root) and _index_valid(root, stored["mtimes"]):
+            _warn_outside(root, stored["outside"])
             return [Entry(*item) for item in stored["entries"]]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         logger.info("folder index of %s: unreadable cache entry, scanning again", root)
-    entries, mtimes = _walk(root, caption_extension)
-    index.put(key, {"root": str(root), "mtimes": mtimes,
+    entries, mtimes, outside = _walk(root, caption_extension, outside_links)
+    index.put(key, {"root": str(root), "mtimes": mtimes, "outside": outside,
                     "entries": [[e.image, e.caption, e.repeats] for e in entries]})
+    _warn_outside(root, outside)
     return entries
 
 
@@ -141,7 +169,7 @@ def read_bounded(root: Path, relative: str, limit: int, outside_links: bool = Fa
     anything else: a FIFO or device (opened without blocking, never read), a link that leads out
     of ``root`` (unless ``outside_links``), a larger file, or an OSError."""
     path = root / relative
-    if not outside_links and not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+    if not outside_links and _leads_outside(root, path):
         raise BadSample("outside-root", f"a link to {os.path.realpath(path)}, outside {root} "
                                         "(set allow_outside_links to read it)")
     try:
@@ -177,7 +205,8 @@ class FolderDataset(Dataset):
         self.root = Path(root)
         self.config = config or DataConfig()
         self.seed, self.max_tries = seed, max_tries
-        self.entries = scan_folder(self.root, cache, self.config.caption_extension)
+        self.entries = scan_folder(self.root, cache, self.config.caption_extension,
+                                   self.config.allow_outside_links)
         if not self.entries:
             raise HomediffError(f"{self.root}: no images found (looked for "
                                 f"{', '.join(IMAGE_EXTENSIONS)} files, recursively)")

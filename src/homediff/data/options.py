@@ -55,8 +55,9 @@ class DataConfig:
     flip: probability of a horizontal flip. min_size: skip images whose short side is smaller
     (0: upscale every small image). max_pixels: refuse larger images; max_aspect: refuse images
     whose long side is more than this many times the short one; max_file_bytes: refuse larger
-    image files (read no further). allow_outside_links: read files that links lead to outside the
-    data set's folder. missing_caption: "empty" (use the empty caption) or "skip".
+    image files (read no further). allow_outside_links: follow links that lead out of the data
+    set's folder, to files and into folders (without it, folder links out are not scanned and
+    linked files out are skipped). missing_caption: "empty" (use the empty caption) or "skip".
     caption_extension: the caption files' extension, kohya's (".txt"; ".caption" too), in any case.
     max_missing_captions: the largest share of images without a caption file that training accepts
     (more is usually a wrong caption_extension; 1.0 allows any).

@@ -142,6 +142,14 @@ def load_hdm_checkpoint(path: str | Path, arch, *, dtype: torch.dtype = torch.fl
     return model.to(device=device, dtype=dtype).eval()
 
 
+def loads_in_hdm_ext(config: XUTConfig) -> bool:
+    """Whether ComfyUI's HDM-ext can load this backbone: it ignores the arch JSON and always builds
+    XUT-base (hdm-spec §2.1, §6.6), so every tensor's name and shape must be XUT-base's."""
+    with torch.device("meta"):
+        own, base = (XUT(c).state_dict() for c in (config, XUTConfig.preset("xut-base")))
+    return {k: v.shape for k, v in own.items()} == {k: v.shape for k, v in base.items()}
+
+
 def to_hdm_release(backbone: XUT, vae: dict[str, torch.Tensor], vae_mean: torch.Tensor,
                    vae_std: torch.Tensor, text_encoder: dict[str, torch.Tensor] | None = None,
                    dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict]:
@@ -154,6 +162,11 @@ def to_hdm_release(backbone: XUT, vae: dict[str, torch.Tensor], vae_mean: torch.
     stay float32. Adapters must be fused into the backbone first: the original has no LoRA.
     """
     arch = backbone.config.to_hdm_config()
+    if not backbone.config.aspect_embedding:
+        raise ConfigError("the backbone has no aspect embedding (model.aspect_embedding = false): the "
+                          "original code passes the aspect ratio to every forward pass, which fails "
+                          "without it (addon_info_embs_dim null); only a model trained with the "
+                          "aspect embedding can be exported")
     state = lora.base_state(backbone)
     if len(state) != len(backbone.state_dict()) and not lora.is_fused(backbone):
         raise ConfigError("the backbone holds LoRA adapters that are not fused: fuse them first "

@@ -52,7 +52,8 @@ def images(pipe):
 def test_the_original_layout_gives_the_same_images(model_dir, tmp_path, capsys):
     out = tmp_path / "hdm.safetensors"
     assert export(model_dir, out, "--dtype", "float32") == 0
-    assert capsys.readouterr().out.split() == [str(out), str(out.with_suffix(".json"))]
+    assert capsys.readouterr().out.split() == [str(out), str(out.with_suffix(".json")),
+                                               str(tmp_path / "hdm-vae")]
     own = HomeDiffPipeline.from_pretrained(model_dir)
     assert json.loads(out.with_suffix(".json").read_text()) == own.transformer.config.to_hdm_config()
     tensors = load_file(out)
@@ -130,6 +131,50 @@ def test_differences_from_the_original_are_warned(model_dir, tmp_path, capsys):
     for part in ("pads every prompt to 256 tokens", "cuts prompts after 256 tokens",
                  "hidden layer -2", "not Qwen3-0.6B", "not the SDXL VAE", "latent statistics"):
         assert part in err
+
+
+def test_the_vae_folder_carries_the_latent_statistics(model_dir, tmp_path):
+    """Beside the file, the VAE as a diffusers folder whose config holds the statistics the model
+    was trained with (latents_mean/latents_std, which the original reads from the VAE's config)."""
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / "hdm.safetensors"
+    assert export(model_dir, out, "--dtype", "float32") == 0
+    own = HomeDiffPipeline.from_pretrained(model_dir)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "hdm-vae")
+    assert vae.config.latents_mean == own.vae.mean.flatten().tolist()
+    assert vae.config.latents_std == own.vae.std.flatten().tolist()
+    assert own.vae.vae.config.latents_mean is None  # the folder's VAE config did not have them
+    state = own.vae.vae.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items())
+    opened = KLAutoencoder.from_pretrained(str(tmp_path / "hdm-vae"))
+    assert torch.equal(opened.mean, own.vae.mean) and torch.equal(opened.std, own.vae.std)
+    assert export(model_dir, out, "--overwrite") == 0  # float16 now, replacing the folder
+    weights = load_file(tmp_path / "hdm-vae" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+
+
+def test_hdm_ext_is_said_not_to_load_a_backbone_other_than_xut_base(model_dir, tmp_path, capsys):
+    from homediff.models import XUTConfig
+    from homediff.models.release import loads_in_hdm_ext
+
+    assert export(model_dir, tmp_path / "hdm.safetensors") == 0
+    err = capsys.readouterr().err
+    assert "not XUT-base: HDM-ext (ComfyUI) always builds XUT-base and will not load it" in err
+    assert "the original code loads it with hdm.json" in err
+    assert loads_in_hdm_ext(XUTConfig.preset("xut-base"))
+    assert not loads_in_hdm_ext(XUTConfig.preset("xut-base", mlp_dim=2048))
+
+
+def test_a_backbone_without_the_aspect_embedding_is_refused(tmp_path, capsys):
+    encoder = TextEncoder.from_pretrained(qwen_folder(tmp_path / "qwen"), dtype="float32")
+    config = dataclasses.replace(tiny_xut().config, aspect_embedding=False)
+    HomeDiffPipeline(XUT(config), encoder, KLAutoencoder(tiny_vae()), sample_size=16).save_pretrained(
+        tmp_path / "square")
+    assert export(tmp_path / "square", tmp_path / "hdm.safetensors") == 2
+    err = capsys.readouterr().err
+    assert "square: the backbone has no aspect embedding" in err and "addon_info_embs_dim" in err
+    assert not (tmp_path / "hdm.safetensors").exists()
 
 
 def test_a_text_encoder_other_than_qwen3_is_left_out(tmp_path, capsys):

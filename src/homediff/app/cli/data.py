@@ -29,7 +29,7 @@ def register(commands) -> None:
                        help="refuse images whose long side is more than this many times the short "
                             "one (default 8)")
     check.add_argument("--allow-outside-links", action="store_true",
-                       help="read files that links lead to outside the folder")
+                       help="follow links that lead out of the folder, to files and into folders")
     check.add_argument("--caption-extension", default=".txt",
                        help="the caption files' extension (default .txt; kohya's .caption too)")
     check.add_argument("--skip-missing-captions", action="store_true",

@@ -1,16 +1,19 @@
 """``homediff export``: a pipeline folder in another program's format.
 
-``--format hdm`` writes the original HDM's single file (hdm-spec §7.1), which its code and its
-ComfyUI node (HDM-ext) load: the backbone under ``unet.model.``, the VAE under ``vae.`` with
-``vae_mean``/``vae_std``, a Qwen3 text encoder under ``te.text_models.0.``; beside it the arch JSON
-(the original's ``config/arch`` format) under the same name with ``.json``. Adapters in the folder
-are fused into the backbone. Where the model differs from what the original runs at inference
-(text encoder, its options, the VAE), a warning says so: its images there may differ.
+``--format hdm`` writes the original HDM's single file (hdm-spec §7.1), which its code loads with
+the arch JSON and its ComfyUI node (HDM-ext) loads for an XUT-base backbone: the backbone under
+``unet.model.``, the VAE under ``vae.`` with ``vae_mean``/``vae_std``, a Qwen3 text encoder under
+``te.text_models.0.``. Beside it go the arch JSON (the original's ``config/arch`` format) under the
+same name with ``.json``, and the VAE as a diffusers folder (``NAME-vae``) whose config holds the
+latent statistics as ``latents_mean``/``latents_std``, which the original's trainer reads. Adapters
+in the folder are fused into the backbone. Where the model differs from what the original runs at
+inference (backbone, text encoder, its options, the VAE), a warning says so.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,17 +42,17 @@ def register(commands) -> None:
     exp.set_defaults(run=run_export)
 
 
-def _outputs(out: Path, overwrite: bool) -> Path:
-    """The arch JSON's path beside ``out``, once neither file is in the way."""
+def _outputs(out: Path, overwrite: bool) -> tuple[Path, Path]:
+    """The paths of the arch JSON and the VAE folder beside ``out``, once none is in the way."""
     from homediff.errors import ConfigError, HomediffError
 
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the output must be a .safetensors file")
-    arch = out.with_suffix(".json")
-    taken = [p for p in (out, arch) if p.exists()]
+    arch, vae = out.with_suffix(".json"), out.with_name(f"{out.stem}-vae")
+    taken = [p for p in (out, arch, vae) if p.exists()]
     if taken and not overwrite:
         raise HomediffError(f"{taken[0]} exists: pass --overwrite to replace it")
-    return arch
+    return arch, vae
 
 
 def _text_encoder_state(pipe, folder: Path):
@@ -66,9 +69,28 @@ def _text_encoder_state(pipe, folder: Path):
     return encoder.model.state_dict()
 
 
-def _differences(pipe) -> list[str]:
+def _write_vae(autoencoder, folder: Path, dtype) -> None:
+    """The VAE as a diffusers folder, its config holding the latent statistics (the pipeline's
+    VAE is converted in place: the export is its last use)."""
+    from homediff.atomic import replace_folder
+
+    vae = autoencoder.vae.to(dtype)
+    vae.register_to_config(latents_mean=autoencoder.mean.flatten().tolist(),
+                           latents_std=autoencoder.std.flatten().tolist())
+    staged = folder.with_name(f"{folder.name}.partial")
+    shutil.rmtree(staged, ignore_errors=True)
+    vae.save_pretrained(str(staged))
+    replace_folder(staged, folder)
+
+
+def _differences(pipe, arch_name: str) -> list[str]:
     """Where the original, at inference, does otherwise than this pipeline."""
+    from homediff.models.release import loads_in_hdm_ext
+
     warnings = []
+    if not loads_in_hdm_ext(pipe.transformer.config):
+        warnings.append("the backbone is not XUT-base: HDM-ext (ComfyUI) always builds XUT-base and "
+                        f"will not load it; the original code loads it with {arch_name} as its arch")
     encoder, options = pipe.text_encoder, pipe.text_encoder.config
     config = encoder.model.config
     shape = {key: getattr(config, key, None) for key in RELEASE_TEXT_MODEL}
@@ -117,7 +139,7 @@ def run_export(args) -> int:
     from homediff.pipeline import HomeDiffPipeline
     from homediff.precision import DTYPES
 
-    arch_path = _outputs(args.out, args.overwrite)
+    arch_path, vae_path = _outputs(args.out, args.overwrite)
     pipe = HomeDiffPipeline.from_pretrained(args.model)
     if not isinstance(pipe.vae, KLAutoencoder):
         raise ConfigError(f"{args.model}: its autoencoder is {type(pipe.vae).__name__}; the original "
@@ -133,11 +155,13 @@ def run_export(args) -> int:
                                        pipe.vae.std, te_state, DTYPES[args.dtype])
     except ConfigError as err:
         raise ConfigError(f"{args.model}: {err}") from err
-    for warning in _differences(pipe):
+    for warning in _differences(pipe, arch_path.name):
         print(f"warning: {warning}", file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(args.out, lambda path: save_file(tensors, str(path)))
     write_atomically(arch_path, lambda path: path.write_text(json.dumps(arch, indent=1) + "\n"))
+    _write_vae(pipe.vae, vae_path, DTYPES[args.dtype])
     print(args.out)
     print(arch_path)
+    print(vae_path)
     return 0
