@@ -75,17 +75,41 @@ def test_overrides_set_their_key_and_the_saved_config_reads_back_the_same(data, 
     assert load_config(path) == config
 
 
-@SETTINGS
-@given(key=st.sampled_from(["stages.0.lr", "ema.decay", "train.checkpoint_every", "stages.0.tread_rate",
-                            "dataset.options.flip", "optimizer.eps"]),
-       value=st.sampled_from(["-1", "5", "1e9", "nope", "[1]", "0"]))
-def test_overrides_either_load_or_fail_with_a_config_error(key, value):
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# what each key accepts, from its documented type and range
+ACCEPTS = {
+    "stages.0.lr": lambda v: _number(v) and v >= 0,
+    "ema.decay": lambda v: _number(v) and 0 <= v < 1,
+    "train.checkpoint_every": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "stages.0.tread_rate": lambda v: _number(v) and 0 <= v < 1,
+    "dataset.options.flip": lambda v: _number(v) and 0 <= v <= 1,
+    "optimizer.eps": lambda v: _number(v) and v >= 0,
+}
+# override texts and the TOML values they read as
+VALUES = {"-1": -1, "0": 0, "0.5": 0.5, "1": 1, "5": 5, "1e9": 1e9, "nope": "nope", "[1]": [1],
+          "true": True}
+
+
+@pytest.mark.parametrize("key", ACCEPTS)
+@pytest.mark.parametrize("text", VALUES)
+def test_an_override_loads_exactly_when_its_value_is_in_range(key, text):
+    """Every key against every value: in range, it loads and sets the key; out of range or of
+    the wrong type, a config error names the key."""
     raw = {k: (dict(v) if isinstance(v, dict) else [dict(s) for s in v]) for k, v in TINY.items()}
-    try:
-        apply_override(raw, f"{key}={value}")
-        config_from_dict(raw)
-    except ConfigError as err:
-        assert key.split(".")[-1] in str(err)
+    value = VALUES[text]
+    if not ACCEPTS[key](value):
+        with pytest.raises(ConfigError, match=key.split(".")[-1]):
+            apply_override(raw, f"{key}={text}")
+            config_from_dict(raw)
+        return
+    apply_override(raw, f"{key}={text}")
+    node = to_dict(config_from_dict(raw))
+    for part in key.split("."):
+        node = node[int(part)] if part.isdigit() else node[part]
+    assert node == value
 
 
 @SETTINGS

@@ -87,6 +87,25 @@ def test_epoch_sampler_resumes_inside_an_epoch():
     assert len(sampler) == 6 and min(sampler) >= 4 * 12  # then on to epoch 4, from its start
 
 
+@pytest.mark.parametrize("n, batch, world", [(5, 3, 2), (8, 12, 1), (2, 3, 3), (4, 2, 3)])
+def test_an_epoch_smaller_than_a_batch_fills_it_from_the_next_epochs(n, batch, world):
+    """With n < batch · world no epoch gives a batch: each pass is one batch per rank instead,
+    dealt like an epoch from the shuffled epochs laid end to end, and goes on where it ended."""
+    single = EpochSampler(n, seed=4, rank=0, world_size=1)
+    stream = [i for epoch in range(2 * batch * world) for i in list(single)]  # epoch e: e·n + order
+    for epoch, start in ((0, 0), (1, n - 1), (2, 1)):
+        passes = []
+        for rank in range(world):
+            sampler = EpochSampler(n, seed=4, rank=rank, world_size=world, batch_size=batch)
+            sampler.set_epoch(epoch, start)
+            first = list(sampler)
+            assert len(first) == batch and first == stream[epoch * n + start + rank::world][:batch]
+            passes.append(list(sampler))  # the next pass goes on from there
+        taken = epoch * n + start + batch * world
+        assert [i for k in range(batch) for rank in range(world) for i in [passes[rank][k]]] == (
+            stream[taken:taken + batch * world])
+
+
 def test_loader_with_two_workers_matches_no_workers(tmp_path):
     for i in range(6):
         save_image(tmp_path / f"{i}.png", 16, 24 + 4 * i, seed=i, caption=f"tag{i}, more")

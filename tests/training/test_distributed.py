@@ -1,4 +1,5 @@
 import json
+import signal
 import socket
 from pathlib import Path
 
@@ -106,3 +107,30 @@ def test_two_machines_of_one_process_train_as_one_machine_of_two(assets, one_mac
         weights, expected = load_file(tmp_path / name), load_file(reference / name)
         assert weights.keys() == expected.keys()
         assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_a_resume_restores_every_process_s_own_random_states(assets, tmp_path):
+    """Under DDP, as test_fsdp under FSDP (the same worker, without FSDP's settings): two processes
+    train 6 steps unbroken, and 4 then a resume to 6. Each rank's losses after the resume are its
+    unbroken ones, bit for bit, which needs its own noise, flow-time and routing states back."""
+    worker = Path(__file__).parents[1] / "fsdp_worker.py"
+    torchrun([["--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path), *map(str, assets)]],
+             tmp_path / "logs", timeout=180)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["world"] == 2 and rank["sharded"] == 0 and rank["resumed_at"] == 4
+        assert [s for s, _ in rank["whole"]] == list(range(1, 7))
+        assert rank["resumed"][4:] == rank["whole"][4:]
+
+
+def test_a_stop_signal_to_one_process_stops_every_process_after_the_same_step(assets, tmp_path):
+    """SIGTERM to the second process only, during step 3: both finish that step, the checkpoint
+    is written once, and both return; a process that went on alone would wait for the other in
+    its next step's gradient exchange until the timeout."""
+    worker = Path(__file__).parents[1] / "stop_worker.py"
+    torchrun([["--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path), *map(str, assets)]],
+             tmp_path / "logs", timeout=180)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["returned"], r["step"], r["signal"]) for r in ranks] == [(None, 3, None),
+                                                                        (None, 3, signal.SIGTERM)]
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000003"]

@@ -156,6 +156,25 @@ def test_non_finite_losses_skip_steps_then_stop(assets, tmp_path):
     assert trainer.progress.step == 0
 
 
+def test_a_folder_smaller_than_the_batch_fills_its_batches_from_the_next_epochs(assets, tmp_path, caplog):
+    """Eight images in batches of 12 (a concept folder under a fine-tuning batch): each batch goes
+    on into the next shuffled epoch, each epoch shows every image once, a stage of 6 epochs takes
+    a step an epoch, and a warning says so once. A run stopped after its first step, inside the
+    second epoch, resumes with the same images and ends with the same weights, bit for bit."""
+    config = tiny_config(*assets, stages=[{"resolution": 8, "batch_size": 12, "epochs": 6, "lr": 0.1}])
+    with caplog.at_level("WARNING"):
+        whole = train_recording(config, tmp_path / "whole")
+    assert caplog.text.count("smaller than a batch") == 1
+    assert sorted(whole.images) == list(range(6))
+    seen = [key for step in range(6) for key in whole.images[step]]
+    assert all(len(set(seen[i:i + 8])) == 8 for i in range(0, 72, 8))
+    train_recording(config, tmp_path / "split", max_steps=1)
+    resumed = train_recording(config, tmp_path / "split", resume="latest")
+    assert resumed.images == {step: keys for step, keys in whole.images.items() if step >= 1}
+    final = [load_tensors(tmp_path / run / "model.safetensors") for run in ("whole", "split")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
 def test_missing_dataset_is_a_clear_error(assets, tmp_path):
     config = tiny_config(tmp_path / "nowhere", assets[1])
     with pytest.raises(ConfigError, match="nowhere is not a folder"):

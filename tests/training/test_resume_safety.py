@@ -13,12 +13,13 @@ import torch
 from train_helpers import square_folder, text_encoder_folder, tiny_config
 
 from homediff.data import pack_folder
-from homediff.errors import CheckpointError, HomediffError
+from homediff.errors import CheckpointError, ConfigError, HomediffError
 from homediff.training.checkpoint import (Checkpoint, latest_checkpoint, list_checkpoints, load_tensors,
                                           write_checkpoint)
 from homediff.training.components import Builders, build_stream
 from homediff.training.config import to_toml
 from homediff.training.loop import Trainer
+from homediff.training.objective import training_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,32 @@ def test_a_new_run_does_not_write_over_another(assets, tmp_path):
     Trainer(short, tmp_path, overwrite=True).run()
     assert steps(tmp_path / "checkpoints") == [1]  # the old run's step 4 would have won "latest"
     assert Trainer(short, tmp_path, resume="latest").progress.step == 1
+
+
+def test_an_attempt_that_saved_no_checkpoint_leaves_the_folder_free(assets, tmp_path, caplog):
+    """A first attempt that fails before training (a wrong dataset.path) leaves nothing; one that
+    fails after some steps but before its first checkpoint leaves logs, which the next attempt
+    clears, saying so: neither is a run to continue, so neither locks the folder."""
+    stages = [{"resolution": 8, "batch_size": 4, "steps": 4}]
+    wrong = tiny_config(tmp_path / "nowhere", assets[1], stages=stages)
+    with pytest.raises(ConfigError, match="nowhere is not a folder"):
+        Trainer(wrong, tmp_path / "run").run()
+    assert not (tmp_path / "run").exists()
+
+    def failing_at_step_3(batch, parts, settings, generator):
+        if failing.progress.step == 3:
+            raise RuntimeError("out of memory")
+        return training_loss(batch, parts, settings, generator)
+    config = tiny_config(*assets, stages=stages, train={"log_every": 1, "checkpoint_every": 4})
+    failing = Trainer(config, tmp_path / "run", builders=Builders(loss=failing_at_step_3))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        failing.run()
+    assert len(os.listdir(tmp_path / "run" / "logs")) == 1 and not steps(tmp_path / "run" / "checkpoints")
+    with caplog.at_level("WARNING"):
+        Trainer(config, tmp_path / "run").run()
+    assert "saved no checkpoint" in caplog.text
+    assert steps(tmp_path / "run" / "checkpoints") == [4]
+    assert len(os.listdir(tmp_path / "run" / "logs")) == 1  # the earlier attempt's curves are gone
 
 
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
@@ -162,16 +189,18 @@ from homediff.training import checkpoint
 from homediff.training.config import load_config
 from homediff.training.loop import Trainer
 calls = {{"n": 0}}
-def dying(module, target):
+def dying(module, target, counted):
     real = getattr(module, "fsync")
     def fsync(path):
         real(path)
-        calls["n"] += 1
+        calls["n"] += counted(path)
         if calls["n"] == target:
             os._exit(9)
     setattr(module, "fsync", fsync)
-module = atomic if {where!r} == "after-rename" else checkpoint
-dying(module, {at})
+if {where!r} == "after-rename":  # the flush of the checkpoints folder's entries after a rename
+    dying(atomic, {at}, lambda path: os.path.basename(path) == "checkpoints")
+else:
+    dying(checkpoint, {at}, lambda path: True)
 Trainer(load_config({config!r}), {run!r}).run()
 """
 

@@ -83,18 +83,24 @@ class EpochSampler(Sampler[int]):
     order, as many as every other rank, so that the ranks' first k batches of b together are the
     k · b · world_size positions from ``start`` on. The order depends only on (seed, epoch), so
     ``set_epoch(epoch, start)`` resumes inside an epoch, with this number of ranks or another.
+
+    With ``batch_size``, an epoch too small to give every rank a batch (n < batch_size ·
+    world_size) gives one batch per rank instead, dealt the same way from the epochs' orders laid
+    end to end (position ``start`` of epoch e is position e · n + start there), as a small folder
+    repeated would; the next pass goes on from where it ended.
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int | None = None,
-                 world_size: int | None = None, epoch: int = 0):
+                 world_size: int | None = None, epoch: int = 0, batch_size: int | None = None):
         self.n, self.seed, self.shuffle, self.epoch, self.start = n, seed, shuffle, epoch, 0
         self.rank, self.world_size = distributed_rank(rank, world_size)
-        if n < self.world_size:
+        self.fill = batch_size if batch_size and n < batch_size * self.world_size else 0
+        if n < 1 or (n < self.world_size and not self.fill):
             raise ConfigError(f"{n} samples cannot be split across {self.world_size} ranks")
 
     def __len__(self) -> int:
-        """Indices the next epoch yields on this rank."""
-        return (self.n - self.start) // self.world_size
+        """Indices the next pass yields on this rank."""
+        return self.fill or (self.n - self.start) // self.world_size
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Make the next pass epoch ``epoch`` from position ``start`` of its order on: the samples
@@ -104,16 +110,25 @@ class EpochSampler(Sampler[int]):
                               "dataset has fewer images than the run that saved this position")
         self.epoch, self.start = epoch, start
 
+    def _order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + epoch))
+
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                self.seed * 1_000_003 + self.epoch))
+        first = self.epoch * self.n + self.start  # positions in the epochs laid end to end
+        positions = torch.arange(len(self)) * self.world_size + first + self.rank
+        epochs = positions // self.n
+        indices = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            mine = epochs == epoch
+            indices[mine] = self._order(epoch)[positions[mine] % self.n] + epoch * self.n
+        if self.fill:
+            self.epoch, self.start = divmod(first + self.fill * self.world_size, self.n)
         else:
-            order = torch.arange(self.n)
-        mine = order[self.start + self.rank::self.world_size][:len(self)]
-        offset = self.epoch * self.n
-        self.epoch, self.start = self.epoch + 1, 0
-        return iter((mine + offset).tolist())
+            self.epoch, self.start = self.epoch + 1, 0
+        return iter(indices.tolist())
 
 
 def init_worker(worker_id: int) -> None:
@@ -132,14 +147,15 @@ def make_loader(dataset, batch_size: int, workers: int = 2, seed: int = 0, shuff
                 world_size: int | None = None) -> DataLoader:
     """A DataLoader over a folder or shard dataset.
 
-    Map-style datasets get an ``EpochSampler`` (seeded shuffle, split across ranks); shard datasets
+    Map-style datasets get an ``EpochSampler`` (seeded shuffle, split across ranks, batches filled
+    from the next epochs where one epoch is smaller than a batch of every rank); shard datasets
     split themselves. Workers each get their own seed; batches are always full (``drop_last``).
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     sampler = None
     if not isinstance(dataset, IterableDataset):
-        sampler = EpochSampler(len(dataset), seed, shuffle, rank, world_size)
+        sampler = EpochSampler(len(dataset), seed, shuffle, rank, world_size, batch_size=batch_size)
     options = {}
     if workers > 0:
         options.update(persistent_workers=persistent_workers, worker_init_fn=init_worker,

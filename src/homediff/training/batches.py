@@ -2,13 +2,15 @@
 
 Folder datasets resume at (epoch, sample): the sampler's order is a function of the seed and the
 epoch, so dealing on from the samples all processes together have taken continues with the
-samples the interrupted run would have taken next, in as many processes or another number. Shard
-datasets resume at each loader worker's stream position.
+samples the interrupted run would have taken next, in as many processes or another number. A
+folder smaller than a batch of every process (twenty images of a concept, say) fills each batch
+from the next shuffled epochs. Shard datasets resume at each loader worker's stream position.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from homediff.data import FolderDataset, ShardDataset, ShardProgress, make_loader
@@ -17,6 +19,8 @@ from homediff.data.loader import distributed_rank
 from homediff.data.shards import dataset_kind
 from homediff.errors import ConfigError
 from homediff.training.config import DatasetSection
+
+logger = logging.getLogger(__name__)
 
 
 class BatchStream:
@@ -42,12 +46,20 @@ class BatchStream:
         self.pin_memory = pin_memory  # page-locked batches copy to a GPU without blocking
         self.shard_progress = ShardProgress()
         self.loader = None
+        processes = distributed_rank()[1]
+        if self.kind == "folder" and len(self.dataset) < batch_size * processes:
+            logger.warning("dataset.path %s: an epoch of %d samples is smaller than a batch of %d "
+                           "(batch_size %d × %d process%s): each batch goes on into the next shuffled "
+                           "epoch, and a stage given in epochs counts one batch an epoch", section.path,
+                           len(self.dataset), batch_size * processes, batch_size, processes,
+                           "es" if processes > 1 else "")
 
     def __len__(self) -> int:
-        """Batches per epoch of this rank (folder datasets only)."""
+        """Batches per epoch of this rank (folder datasets only), at least one: a folder smaller
+        than a batch of every process fills its batch from the next epochs."""
         if self.kind != "folder":
             raise ConfigError("a stage over tar shards must give `steps`, not `epochs`")
-        return len(self.dataset) // self.batch_size // distributed_rank()[1]
+        return max(1, len(self.dataset) // self.batch_size // distributed_rank()[1])
 
     def _make_loader(self):
         return make_loader(self.dataset, self.batch_size, workers=self.section.workers, seed=self.seed,

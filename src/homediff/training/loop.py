@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 REFIT_EVERY = 10
 RUN_OUTPUTS = ("checkpoints", "logs", "samples", "model", "model.safetensors", "lora.safetensors",
                "loss.png")
+FINISHED = ("model", "model.safetensors", "lora.safetensors")  # what a run that ended leaves
 
 
 class TrainingStopped(HomediffError):
@@ -155,19 +156,24 @@ class Trainer:
         self._between_steps = False  # waiting for the first micro-batch of a step
 
     def _claim_run_folder(self, overwrite: bool) -> None:
-        """A new run may not mix with another's checkpoints: refuse, or with ``overwrite`` clear
-        the earlier run's outputs (the disk caches stay: their keys say what they hold)."""
+        """A new run may not mix with another's checkpoints or model: refuse, or with
+        ``overwrite`` clear the earlier run's outputs (the disk caches stay: their keys say what
+        they hold). What an attempt that saved no checkpoint left (logs, samples) is no run to
+        continue: it is cleared, with a warning."""
         earlier = list_checkpoints(self.run_dir / "checkpoints")
         outputs = [self.run_dir / name for name in RUN_OUTPUTS]
-        if not overwrite:
-            if earlier or any(p.exists() for p in outputs):
-                held = f"checkpoints up to {earlier[-1].name}" if earlier else "a finished model"
-                raise HomediffError(f"{self.run_dir} holds another run ({held}): continue it with "
-                                    "--resume latest, or start again with --overwrite (deletes it)")
-            return
+        finished = any((self.run_dir / name).exists() for name in FINISHED)
+        if (earlier or finished) and not overwrite:
+            held = f"checkpoints up to {earlier[-1].name}" if earlier else "a finished model"
+            raise HomediffError(f"{self.run_dir} holds another run ({held}): continue it with "
+                                "--resume latest, or start again with --overwrite (deletes it)")
         if self.accelerator.is_main_process:
-            for path in outputs:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            left = [path for path in outputs if path.exists()]
+            if left and not (earlier or finished):
+                logger.warning("%s: an earlier attempt saved no checkpoint; clearing what it left (%s)",
+                               self.run_dir, ", ".join(path.name for path in left))
+            for path in left:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.accelerator.wait_for_everyone()  # every process, whatever it saw before the deletion
 
     def _refuse_incompatible(self, saved: Checkpoint, path: Path, model) -> None:
@@ -321,13 +327,13 @@ class Trainer:
         there)."""
         group, taken = [], self.stream.batch_size * self.accelerator.num_processes
         while True:
-            start, seen = self.progress.samples, 0
-            batches = self.stream.epoch(self.progress.epoch, start)
+            epoch, start, seen = self.progress.epoch, self.progress.samples, 0
+            batches = self.stream.epoch(epoch, start)
             while (batch := self._next_batch(batches, between_steps=not group)) is not None:
                 if callback:
                     callback(self.progress, batch)
                 self.monitor.count_problems(batch)
-                self.progress.samples += taken
+                self._count_samples(taken)
                 seen += 1
                 group.append(batch)
                 if len(group) == accumulate:
@@ -336,8 +342,17 @@ class Trainer:
             if not seen and not start:
                 raise ConfigError(f"{self.config.dataset.path}: an epoch gave no batch (fewer "
                                   "usable images than the batch size?)")
-            self.progress.epoch += 1
-            self.progress.samples = 0
+            if self.progress.epoch == epoch:  # the epoch's rest, too few for a batch, is left out
+                self.progress.epoch, self.progress.samples = epoch + 1, 0
+
+    def _count_samples(self, taken: int) -> None:
+        """Move the position on by ``taken`` samples; in a folder smaller than a batch of every
+        process, a batch runs on into the next epochs, and so does the position."""
+        self.progress.samples += taken
+        if self.stream.kind == "folder":
+            size = len(self.stream.dataset)
+            self.progress.epoch, self.progress.samples = divmod(
+                self.progress.epoch * size + self.progress.samples, size)
 
     def _next_batch(self, batches, between_steps: bool) -> dict | None:
         """The next batch of the epoch (None at its end), marking a wait between steps, when a

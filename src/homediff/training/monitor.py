@@ -21,26 +21,28 @@ logger = logging.getLogger(__name__)
 
 
 class Monitor:
+    """Writes into the run folder only once training starts (``start_stage``): an attempt that
+    fails before, a wrong path in the config say, leaves the folder as it was."""
+
     def __init__(self, run_dir: Path, *, enabled: bool, wandb: bool, config):
-        self.run_dir, self.enabled, self.config = run_dir, enabled, config
+        self.run_dir, self.enabled, self.config, self.use_wandb = run_dir, enabled, config, wandb
         self.bar = self.writer = self.wandb = None
         self.postfix: dict[str, str] = {}  # the progress bar's values: train and held-out loss, …
         self.problems: Counter[str] = Counter()
-        if not enabled:
-            return
-        for sub in ("logs", "samples", "checkpoints"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+
+    def _open_logs(self) -> None:
+        """TensorBoard's log (with the resolved config) and wandb's run."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "logs"))
-        if dataclasses.is_dataclass(config):  # the resolved config, beside the curves it explains
+        self.writer = SummaryWriter(str(self.run_dir / "logs"))
+        if dataclasses.is_dataclass(self.config):  # the resolved config, beside the curves it explains
             from homediff.training.config import to_toml
 
-            toml = to_toml(config).replace("\n", "  \n")  # TensorBoard renders the text as markdown
+            toml = to_toml(self.config).replace("\n", "  \n")  # TensorBoard renders the text as markdown
             self.writer.add_text("config", toml)
-        if wandb:
-            self.wandb = require("wandb", "wandb").init(project="homediff", dir=str(run_dir),
-                                           config=dataclasses.asdict(config))
+        if self.use_wandb:
+            self.wandb = require("wandb", "wandb").init(project="homediff", dir=str(self.run_dir),
+                                                        config=dataclasses.asdict(self.config))
 
     def say(self, message: str) -> None:
         """A line for the person watching (kept clear of the progress bar)."""
@@ -55,6 +57,8 @@ class Monitor:
         self.window: list[float] = []
         if not self.enabled:
             return
+        if self.writer is None:
+            self._open_logs()
         from tqdm import tqdm
         if self.bar:
             self.bar.close()
@@ -120,6 +124,7 @@ class Monitor:
         title = f"step {step}: {train.sample_steps} steps, guidance {train.sample_cfg:g}"
         sheet = sample_sheet(rows, [f"seed {seed}" for seed in seeds], title)
         path = self.run_dir / "samples" / f"step-{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         sheet.save(path)
         if self.writer:
             import numpy as np
