@@ -15,6 +15,15 @@ def official_small() -> Path:
     return OFFICIAL_SMALL
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_user_cache(tmp_path_factory):
+    """The user cache (remembered precision measurements, data-folder indexes, evaluation features)
+    in a folder of the test session, for the commands the tests run too: never the user's own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: on shared cores, two threads wait on each other for every small op."""

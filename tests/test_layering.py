@@ -17,10 +17,12 @@ import homediff
 PACKAGE = Path(homediff.__file__).parent
 LAYERS = [
     ["errors", "atomic"],
-    ["precision", "geometry", "figures", "exports", "extras", "caching", "hub"],
+    ["caching"],
+    ["precision", "geometry", "figures", "exports", "extras", "hub"],
     ["data", "models", "diffusion", "encoders"],
     ["pipeline"],
     ["training", "evaluation", "diffusers_pipeline"],
+    ["planning"],
     ["app"],
 ]
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

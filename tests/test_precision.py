@@ -1,16 +1,27 @@
 """Precision chosen by measurement (homediff.precision) and the trainer's use of it. The decisions
-are tested through their inputs (a measured ratio), never through the timing of this machine."""
+are tested through their inputs (a measured ratio, injected with ``measured_with``), never through
+the timing of this machine; the user cache of remembered measurements is a temporary folder."""
 
 import logging
+import math
 
 import pytest
 import torch
 from train_helpers import square_folder, text_encoder_folder, tiny_config
 
 from homediff import precision
-from homediff.precision import AutocastCheck, Choice, choose_dtype, decide
+from homediff.precision import AutocastCheck, Choice, choose_matmul_dtype, decide, measured_with
 from homediff.training.components import Builders, build_optimizer
 from homediff.training.loop import Trainer
+
+SLOW, FAST = 0.05, 4.0  # bfloat16's speedup where it is emulated (AVX2) and where it is native
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """The user cache, where measurements are remembered: a folder of this test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "homediff" / "precision"
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +30,25 @@ def assets(tmp_path_factory):
     return square_folder(root / "squares"), text_encoder_folder(root / "text")
 
 
-def never(dtype):
-    raise AssertionError("nothing may be timed here")
+def never(*args, **kwargs):
+    raise AssertionError("nothing may be measured here")
+
+
+def measuring(speedup: float):
+    """Every "auto" decision takes ``speedup`` as bfloat16's measured speedup (whatever this CPU does)."""
+    return measured_with(lambda shape, device: speedup)
+
+
+def count_products(monkeypatch) -> list:
+    """The shapes of the products measured from now on, one per measurement (each timed as a
+    no-op)."""
+    timed = []
+
+    def product(device, m, k, n):
+        timed.append((m, k, n))
+        return lambda dtype: None
+    monkeypatch.setattr(precision, "matmul", product)
+    return timed
 
 
 def test_bfloat16_only_where_it_clears_the_margin():
@@ -33,27 +61,96 @@ def test_bfloat16_only_where_it_clears_the_margin():
 
 @pytest.mark.parametrize("name", ["float32", "bfloat16", "float16"])
 def test_an_explicit_setting_is_taken_as_given_without_timing(name):
-    choice = choose_dtype(name, "cpu", never, "x")
+    with measured_with(never):
+        choice = choose_matmul_dtype(name, "cpu", (8, 8, 8), "x")
     assert choice == Choice(precision.DTYPES[name], None, "x")
 
 
 def test_auto_on_a_cpu_follows_the_agreed_measurement(caplog):
-    runs = []
-    run = lambda dtype: runs.append(dtype)  # noqa: E731
-    with caplog.at_level(logging.INFO, logger="homediff.precision"):
-        fast = choose_dtype("auto", "cpu", run, "probe", agree=lambda measured: 3.0)
-        slow = choose_dtype("auto", "cpu", run, "probe", agree=lambda measured: 0.05)
+    shapes = []
+
+    def measure(shape, device):
+        shapes.append(shape)
+        return 1.0
+    with caplog.at_level(logging.INFO, logger="homediff.precision"), measured_with(measure):
+        fast = choose_matmul_dtype("auto", "cpu", (8, 16, 4), "probe", agree=lambda measured: 3.0)
+        slow = choose_matmul_dtype("auto", "cpu", (8, 16, 4), "probe", agree=lambda measured: SLOW)
     assert (fast.dtype, fast.speedup) == (torch.bfloat16, 3.0)
-    assert (slow.dtype, slow.speedup) == (torch.float32, 0.05)
-    assert set(runs) == {torch.float32, torch.bfloat16}  # both candidates ran
+    assert (slow.dtype, slow.speedup) == (torch.float32, SLOW)
+    assert shapes == [(8, 16, 4)] * 2  # each process measures, then they agree
     assert "probe: bfloat16 (bfloat16 measured 3.00× float32's speed)" in caplog.text
     assert "probe: float32 (bfloat16 measured 0.05× float32's speed)" in caplog.text
 
 
 def test_auto_elsewhere_decides_without_timing_and_a_bad_name_is_refused():
-    assert choose_dtype("auto", "meta", never, "x").dtype == torch.float32
-    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
-        choose_dtype("fp8", "cpu", never, "x")
+    with measured_with(never):
+        assert choose_matmul_dtype("auto", "meta", (8, 8, 8), "x").dtype == torch.float32
+        with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+            choose_matmul_dtype("fp8", "cpu", (8, 8, 8), "x")
+
+
+def test_auto_times_a_product_of_bounded_size_whatever_the_problem(monkeypatch):
+    """The XUT-base sampling product (2048 × 1024 × 3072) is timed as one of at most 2**24
+    multiply-adds (benchmarks/RESULTS.md: what either costs where bfloat16 is emulated). A product
+    below the bound is timed at its own size, rounded up to powers of two."""
+    timed = count_products(monkeypatch)
+    choose_matmul_dtype("auto", "cpu", (2048, 1024, 3072), "sampling")
+    choose_matmul_dtype("auto", "cpu", (48, 32, 100), "tiny")
+    assert len(timed) == 2 and all(math.prod(shape) <= 2**24 for shape in timed)
+    assert timed[1] == (64, 32, 128)
+    assert precision.probe_shape((2048, 1024, 3072)) == timed[0]
+    assert precision.probe_shape((2000, 1000, 2100)) == timed[0]  # one bucket, one decision
+    assert precision.probe_shape((1, 1, 1)) == (1, 1, 1)
+
+
+def test_a_measurement_is_remembered_per_machine_torch_and_shape_bucket(monkeypatch, user_cache):
+    timed = count_products(monkeypatch)
+    first = choose_matmul_dtype("auto", "cpu", (2048, 1024, 3072), "sampling")
+    again = choose_matmul_dtype("auto", "cpu", (2000, 1000, 2100), "text encoder")
+    assert len(timed) == 1 and again.speedup == first.speedup and again.dtype == first.dtype
+    assert len(list(user_cache.glob("*.json"))) == 1
+    choose_matmul_dtype("auto", "cpu", (48, 32, 100), "another bucket")
+    assert len(timed) == 2
+    version, machine = torch.__version__, precision.machine_key
+    monkeypatch.setattr(torch, "__version__", "0.0.0")  # another torch: measured again
+    choose_matmul_dtype("auto", "cpu", (2048, 1024, 3072), "sampling")
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(precision, "machine_key", lambda device: "cpu:another:AVX2:")
+    choose_matmul_dtype("auto", "cpu", (2048, 1024, 3072), "sampling")
+    assert len(timed) == 4
+    monkeypatch.setattr(precision, "machine_key", machine)  # this machine and torch: remembered
+    choose_matmul_dtype("auto", "cpu", (2048, 1024, 3072), "sampling")
+    assert len(timed) == 4
+    entries = precision.remembered()
+    assert len(entries) == 3 and sum(entry["current"] for entry in entries) == 1
+    assert precision.forget() == 3 and precision.remembered() == []
+
+
+def test_the_probe_runs_on_one_thread_and_leaves_the_threads_as_they_were(monkeypatch):
+    """A small product on several threads of a busy machine times the waits for a descheduled
+    thread, not the kernels: the probe runs on one."""
+    threads_seen = []
+
+    def product(device, m, k, n):
+        return lambda dtype: threads_seen.append(torch.get_num_threads())
+    monkeypatch.setattr(precision, "matmul", product)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        choose_matmul_dtype("auto", "cpu", (64, 64, 64), "x")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert threads_seen and set(threads_seen) == {1}
+
+
+def test_an_unreadable_memory_is_measured_again(monkeypatch, user_cache):
+    timed = count_products(monkeypatch)
+    choose_matmul_dtype("auto", "cpu", (64, 64, 64), "x")
+    for path in user_cache.glob("*.json"):
+        path.write_text("{not json")
+    choose_matmul_dtype("auto", "cpu", (64, 64, 64), "x")
+    assert len(timed) == 2
 
 
 def test_seconds_and_speedup_are_positive_ratios_of_real_runs():
@@ -100,32 +197,88 @@ def test_text_encoder_takes_an_explicit_dtype(assets, dtype):
     assert encoder.encode(["a red square"]).dtype == precision.DTYPES[dtype]
 
 
-def test_trainer_records_its_choices_and_a_resume_reuses_them(assets, tmp_path, monkeypatch):
-    config = tiny_config(*assets, optimizer={"name": "muon"},
-                         stages=[{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 4}])
-    built = []
-    first = Trainer(config, tmp_path, max_steps=2, builders=Builders(
-        optimizer=lambda *args: built.append(build_optimizer(*args)) or built[-1]))
-    chosen = first.precision
-    assert chosen["autocast"] in (None, "bfloat16") and chosen["muon"] in ("float32", "bfloat16")
-    assert str(first.text_encoder.model.dtype) == f"torch.{chosen['text']}"
-    first.run()
-    assert built[0].ns_dtype == precision.DTYPES[chosen["muon"]]
+def auto_config(assets):
+    """Every precision setting "auto", Muon included."""
+    return tiny_config(*assets, optimizer={"name": "muon", "muon_dtype": "auto"},
+                       text_encoder={"name": str(assets[1]), "options": {
+                           "padding": "max_length", "max_length": 6, "dtype": "auto"}},
+                       train={"mixed_precision": "auto", "sample_prompts": []},
+                       stages=[{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 4}])
 
-    monkeypatch.setattr(precision, "bf16_speedup", never)
-    resumed = Trainer(config, tmp_path, resume="latest")  # the same machine: nothing re-timed
+
+def autocast_checked(monkeypatch, speedup: float) -> list:
+    """The trainer's autocast check reports ``speedup`` with equal losses and gradients; the list
+    collects the models it was run on."""
+    checked = []
+
+    def check(model, loss_fn, device):
+        checked.append(model)
+        return AutocastCheck(speedup=speedup, loss_error=0.0, grad_cosine=1.0)
+    monkeypatch.setattr(precision, "check_autocast", check)
+    return checked
+
+
+def test_when_bfloat16_is_measured_slow_auto_picks_float32_everywhere(assets, tmp_path, monkeypatch,
+                                                                      user_cache):
+    """As on an AVX2-only CPU: the trainer's three choices, the text encoder's and the sampling
+    dtype are float32, the training step is not even timed in bfloat16, and nothing of this
+    imagined CPU is remembered. Measured fast, the same settings give bfloat16 everywhere."""
+    from homediff.pipeline import HomeDiffPipeline
+    from tiny_components import tiny_pipeline_folder
+
+    folder = tiny_pipeline_folder(tmp_path / "pipe")
+    config = auto_config(assets)
+    checked = autocast_checked(monkeypatch, FAST)
+    with measuring(SLOW):
+        trainer = Trainer(config, tmp_path / "slow")
+        pipe = HomeDiffPipeline.from_pretrained(folder)
+        sampling = pipe.sampling_dtype("auto")
+    assert {k: trainer.precision[k] for k in ("autocast", "muon", "text")} == {
+        "autocast": None, "muon": "float32", "text": "float32"}
+    assert trainer.text_encoder.model.dtype == torch.float32 and sampling == torch.float32
+    assert checked == [] and not user_cache.exists()
+    with measuring(FAST):
+        trainer = Trainer(config, tmp_path / "fast")
+        sampling = HomeDiffPipeline.from_pretrained(folder).sampling_dtype("auto")
+    assert {k: trainer.precision[k] for k in ("autocast", "muon", "text")} == {
+        "autocast": "bfloat16", "muon": "bfloat16", "text": "bfloat16"}
+    assert trainer.text_encoder.model.dtype == torch.bfloat16 and sampling == torch.bfloat16
+    assert len(checked) == 1
+
+
+def test_trainer_records_its_choices_and_a_resume_reuses_them(assets, tmp_path, monkeypatch):
+    """Chosen bfloat16 everywhere when the run began; resumed on the same machine where bfloat16 now
+    measures slow, it keeps the checkpoint's choices (each one differs from what it would measure)."""
+    config = auto_config(assets)
+    autocast_checked(monkeypatch, FAST)
+    built = []
+    with measuring(FAST):
+        first = Trainer(config, tmp_path, max_steps=2, builders=Builders(
+            optimizer=lambda *args: built.append(build_optimizer(*args)) or built[-1]))
+    chosen = first.precision
+    assert (chosen["autocast"], chosen["muon"], chosen["text"]) == ("bfloat16",) * 3
+    assert first.text_encoder.model.dtype == torch.bfloat16
+    first.run()
+    assert built[0].ns_dtype == torch.bfloat16
+
+    monkeypatch.setattr(precision, "check_autocast", never)
+    with measuring(SLOW):
+        resumed = Trainer(config, tmp_path, resume="latest")
     assert resumed.precision == chosen
+    assert resumed.text_encoder.model.dtype == torch.bfloat16
 
 
 def test_a_resume_on_another_machine_measures_again(assets, tmp_path, monkeypatch):
-    config = tiny_config(*assets, optimizer={"name": "muon"},
-                         stages=[{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": 4}])
-    Trainer(config, tmp_path, max_steps=2).run()
+    config = auto_config(assets)
+    autocast_checked(monkeypatch, FAST)
+    with measuring(FAST):
+        Trainer(config, tmp_path, max_steps=2).run()
     monkeypatch.setattr(precision, "machine_key", lambda device: "cpu:another")
-    monkeypatch.setattr(precision, "bf16_speedup", lambda run, device, warmed=False: 0.05)
-    resumed = Trainer(config, tmp_path, resume="latest")
+    with measuring(SLOW):
+        resumed = Trainer(config, tmp_path, resume="latest")
     assert resumed.precision["machine"] == "cpu:another"
-    assert (resumed.precision["autocast"], resumed.precision["muon"]) == (None, "float32")
+    assert (resumed.precision["autocast"], resumed.precision["muon"], resumed.precision["text"]) == (
+        None, "float32", "float32")
 
 
 def test_auto_defers_to_accelerate_launch_and_an_explicit_value_wins(monkeypatch, caplog):

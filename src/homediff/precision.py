@@ -2,9 +2,15 @@
 
 A CPU with AMX or AVX512-BF16 multiplies bfloat16 matrices several times faster than float32; a CPU
 with AVX2 only emulates them, tens of times slower. No capability flag says which one a build of
-torch will use, so every ``"auto"`` setting times its candidates once, on the real device at the
-run's sizes (a few milliseconds), and keeps bfloat16 only where it is clearly faster. A CUDA device
-decides by capability: every GPU that supports bfloat16 runs it on tensor cores.
+torch will use, so every ``"auto"`` setting on a CPU times the two dtypes on the real device, and
+keeps bfloat16 only where it is clearly faster. The product timed stands for the run's products
+without their cost: the shape's bucket (``probe_shape``), at most ``PROBE_MACS`` multiply-adds, so
+a decision stays cheap where bfloat16 is emulated. The measured ratio is remembered in the user
+cache per machine (CPU model, torch's kernel capability and ISA limit, torch version) and bucket,
+so later runs decide at once and a changed machine or torch measures again; ``homediff doctor``
+shows and clears it. ``measured_with`` injects a measurement instead (tests; what another class of
+CPU would choose). A CUDA device decides by capability: every GPU that supports bfloat16 runs it
+on tensor cores.
 
 The settings that take ``"auto"``: Muon's Newton-Schulz iteration (``optimizer.muon_dtype``), CPU
 mixed precision in training (``train.mixed_precision``), the text encoder's dtype
@@ -13,16 +19,19 @@ mixed precision in training (``train.mixed_precision``), the text encoder's dtyp
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from homediff.caching import FileCache, cache_key, json_file_cache, user_cache_dir
 from homediff.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +43,15 @@ MIN_SPEEDUP = 1.25
 #: timed far fewer times than a matrix product, so its ratio is the noisier of the two.
 MIN_AUTOCAST_SPEEDUP = 1.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The largest product a probe times, in multiply-adds (m·k·n; 256³): large enough to run the
+#: kernels the model's products run, small enough that timing it where bfloat16 is emulated stays
+#: well under a second (benchmarks/RESULTS.md).
+PROBE_MACS = 2**24
+PROBE_REPEATS = 5  # timings of each dtype in a probe; the fastest counts
+
+#: ``measure(shape, device)``: bfloat16's speedup over float32 for products of ``shape`` (m, k, n).
+Measure = Callable[[tuple[int, int, int], torch.device], float]
+_injected: list[Measure] = []  # the innermost ``measured_with`` last
 
 
 @dataclass(frozen=True)
@@ -124,33 +142,130 @@ def matmul_rate(device: torch.device | str, dtype: torch.dtype, n: int = 512) ->
     return 2 * n ** 3 / seconds(lambda: run(dtype), torch.device(device))
 
 
-def choose_dtype(setting: str, device: torch.device | str,
-                 run: Callable[[torch.dtype], object] | None, what: str, *,
-                 cuda_fallback: torch.dtype = torch.float32,
-                 agree: Callable[[float], float] = float) -> Choice:
-    """Resolve a dtype setting: a name in ``DTYPES`` as given; ``"auto"`` on a CPU by timing
-    ``run(dtype)`` in float32 and bfloat16 (``agree`` averages the measurement over processes so
-    that all choose alike); on CUDA bfloat16 where supported, else ``cuda_fallback``."""
+def probe_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The bucket of an (m, k, n) product, which is also the product timed for it: each side rounded
+    up to a power of two, then the longest side halved until at most ``PROBE_MACS`` multiply-adds
+    remain. Products of one bucket share one measurement."""
+    sides = [1 << max(int(side) - 1, 0).bit_length() for side in shape]
+    while math.prod(sides) > PROBE_MACS:
+        longest = sides.index(max(sides))
+        sides[longest] //= 2
+    return tuple(sides)
+
+
+@contextlib.contextmanager
+def measured_with(measure: Measure) -> Iterator[None]:
+    """Within the block, every ``"auto"`` decision on a CPU takes bfloat16's speedup from
+    ``measure(shape, device)`` instead of timing it, and nothing is remembered."""
+    _injected.append(measure)
+    try:
+        yield
+    finally:
+        _injected.pop()
+
+
+def speedup_at(shape: tuple[int, int, int], device: torch.device | str) -> float:
+    """bfloat16's speedup over float32 (float32 time / bfloat16 time) for products of ``shape`` on
+    a CPU: from ``measured_with`` inside one; else remembered for this machine and the shape's
+    bucket; else measured on the bucket's product (``measure_speedup``) and remembered."""
+    device = torch.device(device)
+    if _injected:
+        return _injected[-1](tuple(shape), device)
+    bucket = probe_shape(shape)
+    name = "x".join(map(str, bucket))
+    store, key = _memory(), _memory_key(device)
+    known = _speedups(store.get(key))
+    if name in known:
+        return known[name]
+    speedup = measure_speedup(bucket, device)
+    known = {**_speedups(store.get(key)), name: speedup}  # with what other processes added meanwhile
+    store.put(key, {"machine": machine_key(device), "torch": torch.__version__, "speedups": known})
+    logger.debug("bfloat16 at %s measured %.3g× float32's speed; remembered in %s", name, speedup,
+                 store.path(key))
+    return speedup
+
+
+def measure_speedup(shape: tuple[int, int, int], device: torch.device | str, threads: int = 1) -> float:
+    """float32 time / bfloat16 time of a product of ``shape``, each the fastest of
+    ``PROBE_REPEATS`` timings (one preempted timing must not decide what is remembered), on
+    ``threads`` threads. One by default: a probe's product ends within a scheduler's time slice, so
+    with several threads on a busy machine the waits for a thread that is not running, not the
+    kernels, would set its time (they can make emulated bfloat16 look as fast as float32); the
+    kernels' ratio is the same on one thread."""
+    device = torch.device(device)
+    run, kept = matmul(device, *shape), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return (seconds(lambda: run(torch.float32), device, PROBE_REPEATS)
+                / seconds(lambda: run(torch.bfloat16), device, PROBE_REPEATS))
+    finally:
+        torch.set_num_threads(kept)
+
+
+def remembered() -> list[dict]:
+    """Every remembered measurement file: ``{"file", "machine", "torch", "speedups", "current"}``
+    (``current``: this CPU's and this torch's; ``speedups`` by bucket ``MxKxN``)."""
+    store, entries = _memory(), []
+    current = store.path(_memory_key(torch.device("cpu")))
+    for path in sorted(store.folder.glob(f"*{store.suffix}")):
+        content = store.get(path.stem)
+        if isinstance(content, dict):
+            entries.append({"file": str(path), "machine": content.get("machine"),
+                            "torch": content.get("torch"), "speedups": _speedups(content),
+                            "current": path == current})
+    return entries
+
+
+def forget() -> int:
+    """Remove every remembered measurement; the number of files removed."""
+    store = _memory()
+    files = list(store.folder.glob(f"*{store.suffix}"))
+    for path in files:
+        path.unlink(missing_ok=True)
+    return len(files)
+
+
+def memory_folder() -> Path:
+    """Where measurements are remembered: ``precision`` in the user cache."""
+    return user_cache_dir("precision")
+
+
+def _memory() -> FileCache:
+    return json_file_cache(memory_folder())
+
+
+def _memory_key(device: torch.device) -> str:
+    return cache_key(machine_key(device), torch.__version__)
+
+
+def _speedups(content) -> dict[str, float]:
+    """The ratios of a remembered file's content (anything unexpected reads as none)."""
+    speedups = content.get("speedups") if isinstance(content, dict) else None
+    if not isinstance(speedups, dict):
+        return {}
+    return {name: float(value) for name, value in speedups.items()
+            if isinstance(value, (int, float)) and value > 0}
+
+
+def choose_matmul_dtype(setting: str, device: torch.device | str, shape: tuple[int, int, int],
+                        what: str, *, agree: Callable[[float], float] = float) -> Choice:
+    """Resolve a dtype setting for work dominated by matrix products of ``shape`` (m, k, n): a name
+    in ``DTYPES`` as given; ``"auto"`` on a CPU by bfloat16's speedup there (``speedup_at``;
+    ``agree`` averages it over processes so that all choose alike), on CUDA bfloat16 where
+    supported, elsewhere float32."""
     if setting != "auto":
         if setting not in DTYPES:
             raise ValueError(f"unknown dtype {setting!r}; use 'auto' or one of {', '.join(DTYPES)}")
         return Choice(DTYPES[setting], None, what)
     device = torch.device(device)
     if device.type == "cuda":
-        choice = Choice(torch.bfloat16 if torch.cuda.is_bf16_supported() else cuda_fallback, None, what)
+        choice = Choice(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32, None, what)
     elif device.type == "cpu":
-        choice = decide(agree(bf16_speedup(run, device)), what)
+        choice = decide(agree(speedup_at(shape, device)), what)
     else:
         choice = Choice(torch.float32, None, what)
     logger.info("%s", choice)
     return choice
-
-
-def choose_matmul_dtype(setting: str, device: torch.device | str, shape: tuple[int, int, int],
-                        what: str) -> Choice:
-    """``choose_dtype`` for work dominated by matrix products of ``shape`` (m, k, n)."""
-    timed = setting == "auto" and torch.device(device).type == "cpu"
-    return choose_dtype(setting, device, matmul(device, *shape) if timed else None, what)
 
 
 def decide(speedup: float, what: str) -> Choice:
@@ -190,17 +305,30 @@ def check_autocast(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
         loss.backward()
         return loss.detach().float()
 
-    def grads() -> torch.Tensor:
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
-                          for p in params])
+    def grads() -> list[torch.Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
     loss32, grad32 = step(torch.float32), grads()
     loss16, grad16 = step(torch.bfloat16), grads()
+    cosine = _cosine(grad32, grad16)
+    del grad32, grad16  # a model's worth of gradients each: not kept while the steps are timed
     speedup = bf16_speedup(step, device, warmed=True)
     model.zero_grad(set_to_none=True)
     return AutocastCheck(speedup=speedup,
                          loss_error=((loss16 - loss32).abs() / loss32.abs().clamp_min(1e-12)).item(),
-                         grad_cosine=torch.nn.functional.cosine_similarity(grad32, grad16, dim=0).item())
+                         grad_cosine=cosine)
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The cosine between two lists of tensors taken as one vector each, summed in float64 tensor
+    by tensor (no copy of the whole vectors)."""
+    dot = norm_a = norm_b = 0.0
+    for x, y in zip(a, b):
+        x, y = x.double(), y.double()
+        dot += torch.dot(x.flatten(), y.flatten()).item()
+        norm_a += x.square().sum().item()
+        norm_b += y.square().sum().item()
+    return dot / max(math.sqrt(norm_a * norm_b), 1e-300)
 
 
 def available_memory(device: torch.device) -> int:

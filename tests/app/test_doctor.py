@@ -5,10 +5,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from train_helpers import square_folder, text_encoder_folder, tiny_config
 
+from homediff import precision
+from homediff.app.cli import main
 from homediff.app.cli.doctor import lines
-from homediff.app.doctor import EXTRAS, _time_in_processes, time_steps
+from homediff.app.doctor import EXTRAS, _time_in_processes, remembered_precisions, time_steps
 from homediff.precision import DTYPES
 
 
@@ -27,8 +30,8 @@ def _rates_ok(gflops: dict) -> None:
 
 
 def test_doctor_json_has_the_documented_keys(found):
-    assert set(found) == {"homediff", "python", "torch", "cpu", "gpus", "precision", "extras",
-                          "cairo", "demo"}
+    assert set(found) == {"homediff", "python", "torch", "cpu", "gpus", "precision",
+                          "remembered_precision", "extras", "cairo", "demo"}
     assert isinstance(found["homediff"], str) and isinstance(found["python"], str)
     assert isinstance(found["torch"]["version"], str)
     assert found["torch"]["cuda"] is None or isinstance(found["torch"]["cuda"], str)
@@ -45,6 +48,10 @@ def test_doctor_json_has_the_documented_keys(found):
         _rates_ok(gpu["gflops"])
     assert isinstance(found["cairo"]["loads"], bool) and isinstance(found["cairo"]["detail"], str)
     assert found["demo"] is None  # --no-demo-estimate
+    memory = found["remembered_precision"]
+    assert isinstance(memory["folder"], str) and isinstance(memory["entries"], list)
+    if found["precision"].get("device") == "cpu":  # the auto choices were measured, and remembered
+        assert any(entry["current"] and entry["speedups"] for entry in memory["entries"])
 
 
 def test_doctor_extras_name_an_install_hint(found):
@@ -86,3 +93,22 @@ def test_demo_timing_runs_in_one_and_in_two_processes(tmp_path):
         assert timed["seconds_per_step"] > 0
         assert all(name in DTYPES for name in timed["precision"].values())
     assert threads >= 1
+
+
+def test_doctor_shows_and_clears_the_remembered_precisions(found, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(precision, "matmul", lambda device, m, k, n: lambda dtype: None)
+    precision.choose_matmul_dtype("auto", "cpu", (2048, 1024, 3072), "sampling")
+    memory = remembered_precisions()
+    assert memory["folder"] == str(tmp_path / "homediff" / "precision")
+    [entry] = memory["entries"]
+    assert entry["current"] and list(entry["speedups"]) == ["256x256x256"]
+    assert entry["torch"] == torch.__version__ and entry["machine"] == precision.machine_key("cpu")
+    text = "\n".join(lines({**found, "remembered_precision": memory}))
+    assert f"remembered bfloat16 speed here: 256x256x256 {entry['speedups']['256x256x256']:.2g}×" in text
+    assert main(["doctor", "--clear-precision-cache"]) == 0
+    assert f"forgot 1 file(s) of remembered precision measurements in {memory['folder']}" in (
+        capsys.readouterr().out)
+    assert remembered_precisions()["entries"] == []
+    emptied = {**found, "remembered_precision": remembered_precisions()}
+    assert "remembered bfloat16 speed here: nothing measured yet" in "\n".join(lines(emptied))

@@ -9,6 +9,8 @@ Every function returns plain data (JSON-ready dicts); the CLI prints them. ``rep
 * ``precision``: the dtypes the ``"auto"`` settings choose here: the default text encoder's,
   Muon's Newton-Schulz iteration and mixed precision (float32 = autocast off), the last two from a
   trainer built on the packaged ``tiny-emoji`` recipe;
+* ``remembered_precision``: the bfloat16 measurements remembered in the user cache (its folder, and
+  per file the machine, torch version, whether it is this one's, and the speedup per product);
 * ``extras``: which optional packages import, and the pip command that installs each;
 * ``cairo``: whether the system cairo library that renders the emoji set loads;
 * ``demo``: the steps ``make demo`` would train here, from a few timed steps of the recipe in the
@@ -155,6 +157,12 @@ def auto_precisions() -> dict:
             "muon": chosen["muon"], "mixed_precision": chosen["autocast"] or "float32"}
 
 
+def remembered_precisions() -> dict:
+    """The remembered measurements behind ``"auto"`` (``homediff.precision.remembered``) and their
+    folder."""
+    return {"folder": str(precision.memory_folder()), "entries": precision.remembered()}
+
+
 def demo_estimate(minutes: float = 15.0, data: str | Path = "data/emoji", overrides=(),
                   processes: int | None = None, steps: int = 8, warmup: int = 3) -> dict:
     """The steps ``homediff demo`` would train in ``minutes``: seconds per optimiser step of the
@@ -233,7 +241,7 @@ def report(demo: bool = True, data: str | Path = "data/emoji", minutes: float = 
     part that cannot be measured holds ``{"error": message}`` instead."""
     return {"homediff": __version__, "python": platform.python_version(), "torch": torch_info(),
             "cpu": cpu_info(), "gpus": gpu_info(), "precision": _guarded(auto_precisions),
-            "extras": extras(), "cairo": cairo(),
+            "remembered_precision": remembered_precisions(), "extras": extras(), "cairo": cairo(),
             "demo": _guarded(lambda: demo_estimate(minutes, data)) if demo else None}
 
 

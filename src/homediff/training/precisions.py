@@ -1,10 +1,13 @@
 """The dtypes a training run computes in, chosen once when it starts.
 
-``train.mixed_precision = "auto"`` is bf16 (else fp16 with loss scaling) on GPUs; on a CPU it is
-decided by measuring a training step with and without bfloat16 autocast (a CPU without bfloat16
-kernels runs it many times slower). Muon's Newton-Schulz dtype and the text encoder's dtype are
-chosen the same way when set to ``"auto"``. A resumed run on the same machine reuses its
-checkpoint's choices, so that it continues with the same numerics.
+``train.mixed_precision = "auto"`` is bf16 (else fp16 with loss scaling) on GPUs. On a CPU it is
+decided in two steps: bfloat16's speedup on the model's largest products (``precision.speedup_at``:
+a probe of bounded size, remembered per machine), which settles it where bfloat16 is emulated (a
+CPU without bfloat16 kernels runs it many times slower); where that speedup is large enough, a
+training step timed and compared with and without bfloat16 autocast. Muon's Newton-Schulz dtype and
+the text encoder's dtype are chosen by the speedup on their products when set to ``"auto"``. A
+resumed run on the same machine reuses its checkpoint's choices, so that it continues with the same
+numerics.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from homediff import precision
 from homediff.encoders.text import TextEncoder
 from homediff.training.config import TrainConfig
 from homediff.training.objective import LossSettings, flow_matching_loss
-from homediff.training.optim import is_hidden_matrix, orthogonalize
+from homediff.training.optim import is_hidden_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -64,27 +67,58 @@ def choose_precisions(config: TrainConfig, model: torch.nn.Module, text_encoder:
         if "autocast" in reuse:  # None (float32) is a choice too
             autocast = reuse["autocast"]
         else:
-            probe = _probe_model(model, device)
-            check = precision.check_autocast(
-                probe, _probe_loss(probe, config, text_encoder.dim, latent_channels, latent_factor,
-                                   device), device)
-            faster = agree(check.speedup) >= precision.MIN_AUTOCAST_SPEEDUP
-            close = agree(float(check.close)) == 1.0
-            autocast = "bfloat16" if faster and close else None
-            logger.info("CPU mixed precision: %s (bf16 autocast measured %.2f× float32's step speed; "
-                        "loss differs by %.2g, gradient cosine %.4f)", autocast or "float32",
-                        check.speedup, check.loss_error, check.grad_cosine)
+            autocast = _choose_autocast(config, model, text_encoder.dim, latent_channels,
+                                        latent_factor, device, agree)
     muon = None
     if config.optimizer.name == "muon":
         setting = config.optimizer.muon_dtype
         muon = reuse.get("muon") if setting == "auto" else None
-        muon = muon or precision.choose_dtype(setting, device, _newton_schulz_probe(model, device),
-                                              "Muon's Newton-Schulz iteration", agree=agree).name
+        muon = muon or precision.choose_matmul_dtype(
+            setting, device, _newton_schulz_shape(model), "Muon's Newton-Schulz iteration",
+            agree=agree).name
     text = str(text_encoder.model.dtype).removeprefix("torch.")
     if config.text_encoder.options.dtype == "auto" and "text" in reuse:
         text = reuse["text"]
         text_encoder.to(dtype=precision.DTYPES[text])
     return {"machine": machine, "autocast": autocast, "muon": muon, "text": text}
+
+
+def _choose_autocast(config: TrainConfig, model: torch.nn.Module, text_dim: int, channels: int,
+                     factor: int, device: torch.device, agree: Callable[[float], float]) -> str | None:
+    """``"bfloat16"`` or None (float32) for CPU autocast: off without timing a step where bfloat16
+    matrix products are not even ``MIN_AUTOCAST_SPEEDUP`` faster at the model's sizes; else as a
+    training step with and without autocast compares (speed, loss and gradients)."""
+    products = agree(precision.speedup_at(_step_shape(config, model, factor), device))
+    if products < precision.MIN_AUTOCAST_SPEEDUP:
+        logger.info("CPU mixed precision: float32 (bf16 matrix products measured %.2f× float32's "
+                    "speed at the model's sizes)", products)
+        return None
+    probe = _probe_model(model, device)
+    check = precision.check_autocast(
+        probe, _probe_loss(probe, config, text_dim, channels, factor, device), device)
+    faster = agree(check.speedup) >= precision.MIN_AUTOCAST_SPEEDUP
+    close = agree(float(check.close)) == 1.0
+    autocast = "bfloat16" if faster and close else None
+    logger.info("CPU mixed precision: %s (bf16 autocast measured %.2f× float32's step speed; "
+                "loss differs by %.2g, gradient cosine %.4f)", autocast or "float32",
+                check.speedup, check.loss_error, check.grad_cosine)
+    return autocast
+
+
+def _step_shape(config: TrainConfig, model: torch.nn.Module, factor: int) -> tuple[int, int, int]:
+    """The feed-forward product of a first-stage training step: (tokens of the batch, width,
+    feed-forward width)."""
+    stage, c = config.stages[0], model.config
+    side = stage.resolution // factor // c.patch_size
+    return stage.batch_size * (side * side + stage.text_length), c.dim, c.mlp_dim
+
+
+def _newton_schulz_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """The product that dominates Muon's orthogonalisation of the model's largest hidden matrix X
+    (r × c, r ≤ c): X Xᵀ, an (r, c, r) product."""
+    shape = max((p.shape for n, p in model.named_parameters() if is_hidden_matrix(n, p)),
+                key=lambda s: s.numel(), default=(64, 64))
+    return min(shape), max(shape), min(shape)
 
 
 def _probe_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -110,11 +144,3 @@ def _probe_loss(model, config: TrainConfig, text_dim: int, channels: int, factor
     ctx = torch.randn(stage.batch_size, stage.text_length, text_dim, generator=draw, device=device)
     settings = LossSettings(tread_rate=stage.tread_rate)
     return lambda: flow_matching_loss(model, x0, ctx, settings, torch.Generator(device).manual_seed(1))
-
-
-def _newton_schulz_probe(model: torch.nn.Module, device: torch.device):
-    """``run(dtype)``: Muon's orthogonalisation of the model's largest hidden matrix."""
-    shape = max((p.shape for n, p in model.named_parameters() if is_hidden_matrix(n, p)),
-                key=lambda s: s.numel(), default=(64, 64))
-    matrix = torch.randn(shape, device=device)
-    return lambda dtype: orthogonalize(matrix, dtype=dtype)

@@ -11,8 +11,9 @@ def register(commands) -> None:
         "doctor", help="check this machine: torch, CPU and GPUs, precisions, extras, demo speed",
         description="Reports torch and CUDA, the CPU and GPUs with their measured float32 and "
                     "bfloat16 matrix-product rates, the precisions the 'auto' settings choose "
-                    "here, which optional extras import, whether the system cairo library loads, "
-                    "and how many steps `make demo` would train here (a timing of under a "
+                    "here and the measurements behind them (remembered per machine in the user "
+                    "cache), which optional extras import, whether the system cairo library "
+                    "loads, and how many steps `make demo` would train here (a timing of under a "
                     "minute).")
     doctor.add_argument("--json", action="store_true", help="print one JSON object instead")
     doctor.add_argument("--no-demo-estimate", dest="demo", action="store_false",
@@ -20,12 +21,22 @@ def register(commands) -> None:
     doctor.add_argument("--data", type=Path, default=Path("data/emoji"),
                         help="emoji set for the demo timing (built in a temporary folder if missing)")
     doctor.add_argument("--minutes", type=float, default=15.0, help="the demo's training budget")
+    doctor.add_argument("--clear-precision-cache", action="store_true",
+                        help="forget the remembered precision measurements (each is measured again "
+                             "when next needed) and stop")
     doctor.set_defaults(run=run)
 
 
 def run(args) -> int:
     from homediff.app.doctor import report
 
+    if args.clear_precision_cache:
+        from homediff import precision
+
+        removed = precision.forget()
+        print(f"forgot {removed} file(s) of remembered precision measurements in "
+              f"{precision.memory_folder()}")
+        return 0
     found = report(demo=args.demo, data=args.data, minutes=args.minutes)
     print(json.dumps(found, indent=1) if args.json else "\n".join(lines(found)))
     return 0
@@ -36,6 +47,17 @@ def _rates(gflops: dict) -> str:
     text = f"float32 {fp32:,.0f} GFLOP/s, bfloat16 "
     text += "n/a" if bf16 is None else f"{bf16:,.0f} GFLOP/s"
     return text + (f" ({bf16 / fp32:.2g}× float32)" if bf16 and fp32 else "")
+
+
+def _remembered(memory: dict) -> str:
+    """The remembered bfloat16/float32 speed ratios of this machine, by product (m×k×n)."""
+    here = [entry for entry in memory["entries"] if entry["current"]]
+    ratios = ", ".join(f"{bucket} {ratio:.2g}×" for entry in here
+                       for bucket, ratio in entry["speedups"].items())
+    others = len(memory["entries"]) - len(here)
+    return (f"bfloat16 speed here: {ratios or 'nothing measured yet'} (in {memory['folder']}"
+            + (f"; {others} file(s) of other machines or torch versions" if others else "")
+            + "; --clear-precision-cache forgets them)")
 
 
 def lines(found: dict) -> list[str]:
@@ -59,6 +81,7 @@ def lines(found: dict) -> list[str]:
     out.append(f"auto       error: {p['error']}" if "error" in p else
                f"auto       on {p['device']}: text encoder {p['text_encoder']}, Muon {p['muon']}, "
                f"mixed precision {p['mixed_precision']}")
+    out.append(f"remembered {_remembered(found['remembered_precision'])}")
     extras = found["extras"]
     present = [name for name, e in extras.items() if e["importable"]]
     missing = [f"{name} ({e['install']})" for name, e in extras.items() if not e["importable"]]
