@@ -1,6 +1,7 @@
 """``homediff ui`` driven in a real browser (headless Chromium through Playwright): a prompt and the
 camera sliders, Generate, the gallery's image equal to the pipeline's for the same settings, the
-command-line box reproducing it, and an over-limit request answered by a message in the page."""
+command-line box reproducing it, and an over-limit request answered by a message in the page. The
+tests without a browser (the command box, the limits, the address served) run everywhere."""
 
 import argparse
 import io
@@ -12,18 +13,17 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from tiny_components import tiny_pipeline_folder
 
-pytest.importorskip("gradio", reason="the UI needs gradio: pip install 'homediff[ui]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+from homediff.app.cli import main
+from homediff.app.cli.generate import sample
+from homediff.app.ui import serve
+from homediff.pipeline import HomeDiffPipeline
 
-from homediff.app.cli import main  # noqa: E402
-from homediff.app.cli.generate import sample  # noqa: E402
-from homediff.app.ui import serve  # noqa: E402
-from homediff.pipeline import HomeDiffPipeline  # noqa: E402
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 
 
 def free_port() -> int:
@@ -41,6 +41,8 @@ def model_dir(tmp_path_factory):
 def page(model_dir):
     """The page of a running app. The app runs beside its model folder and names it relatively, as
     a user would (``homediff ui --model model``), so the page shows no temporary path."""
+    pytest.importorskip("gradio", reason="the UI needs gradio: pip install 'homediff[ui]'")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright")
     here = os.getcwd()
     os.chdir(model_dir.parent)
     args = argparse.Namespace(model=Path("model"), host="127.0.0.1", port=free_port(), max_pixels=32 * 32,
@@ -71,6 +73,7 @@ def gallery_image(page) -> Image.Image:
     return Image.open(io.BytesIO(response.body()))
 
 
+@needs_browser
 def test_a_prompt_with_camera_control_gives_the_pipelines_image(page, model_dir, tmp_path):
     page.locator("#prompt textarea").fill("a red cat")
     set_number(page, "steps", 2)
@@ -101,6 +104,7 @@ def test_a_prompt_with_camera_control_gives_the_pipelines_image(page, model_dir,
     assert Image.open(out).convert("RGB").tobytes() == shown.tobytes()
 
 
+@needs_browser
 def test_an_over_limit_request_is_a_message_in_the_page(page):
     set_number(page, "width", 128)  # 128 × 16 pixels: over this app's limit of 32²
     page.locator("#generate").click()
@@ -143,3 +147,33 @@ def test_the_page_serves_this_machine_only_unless_told(monkeypatch, caplog):
     with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="stop before loading"):
         ui.serve(build_parser().parse_args(["ui", "--model", "m", "--host", "0.0.0.0"]))
     assert "anyone who can reach this address can use the model" in caplog.text
+
+
+@pytest.mark.parametrize("dtype, speedup, expected", [
+    ("bfloat16", 0.05, torch.bfloat16), ("auto", 0.05, torch.float32), ("auto", 4.0, torch.bfloat16)])
+def test_dtype_is_the_transformers_precision_and_in_the_command(model_dir, monkeypatch, dtype, speedup,
+                                                                 expected):
+    """``homediff ui --dtype``: the page's pipeline runs its transformer in that dtype ("auto" by the
+    measurement, injected: bfloat16 emulated or native), and its command line repeats the flag."""
+    from homediff.app import ui
+    from homediff.app.cli import build_parser
+    from homediff.precision import measured_with
+
+    studios = []
+
+    class Page:
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            return None
+    monkeypatch.setattr(ui, "build_app", lambda studio: studios.append(studio) or Page())
+    with measured_with(lambda shape, device: speedup):
+        ui.serve(build_parser().parse_args(["ui", "--model", str(model_dir), "--dtype", dtype]))
+    [studio] = studios
+    assert next(studio.pipe.transformer.parameters()).dtype == expected
+    request = argparse.Namespace(**vars(studio.args), prompt="a cat", negative="", steps=2, cfg=3.0, seed=1,
+                                 width=16, height=16, num=1, sampler="euler", tread_gamma=(0.0, 0.0),
+                                 zoom=1.0, x_shift=0.0, y_shift=0.0)
+    words = shlex.split(studio.command(request))
+    assert words[words.index("--dtype") + 1] == dtype

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -31,12 +32,58 @@ def test_one_image_with_settings_in_the_metadata(model_dir, tmp_path, capsys):
     assert "prompt" not in image.text  # ComfyUI's key for its workflow graph
     assert image.text["parameters"] == (
         "a red cat\nNegative prompt: blurry\nSteps: 2, Sampler: heun, CFG scale: 3, Seed: 7, Size: 24x16, "
-        "Model: model, Camera: zoom 1.5, x 0, y 0, Routing gamma: 0/0.25, Schedule shift: 1")
+        "Model: model, Camera: \"zoom 1.5, x 0, y 0\", Routing gamma: 0/0.25, Schedule shift: 1")
     record = json.loads(image.text["homediff"])
     assert record["seed"] == 7 and record["negative_prompt"] == "blurry"
     assert record["camera"]["zoom"] == 1.5 and record["tread_gamma"] == [0.0, 0.25]
     assert record["sampler"] == "heun" and record["size"] == [24, 16]
     assert "seed 7" in capsys.readouterr().out
+
+
+#: A1111's reader of the ``parameters`` text, in its documented form (modules/infotext_utils.py:
+#: ``re_param``, ``unquote`` and ``parse_generation_parameters``): the last line holds the
+#: settings as ``Key: value`` pairs split by commas, a value in double quotes being a JSON string;
+#: the lines before it are the prompt, then from ``Negative prompt:`` on the negative prompt.
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def a1111_parse(text: str) -> dict:
+    *lines, last = text.strip().split("\n")
+    if len(A1111_PARAM.findall(last)) < 3:
+        lines, last = lines + [last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in (line.strip() for line in lines):
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in A1111_PARAM.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        fields[key] = value
+    return fields
+
+
+def test_the_parameters_text_reads_back_with_a1111s_parser():
+    """Every key homediff writes comes back whole, commas, colons and quotes included."""
+    from homediff.app.cli.generate import parameters_text
+
+    record = {"prompt": 'a cat, "sitting": on a mat', "negative_prompt": "blurry, dark",
+              "num_inference_steps": 24, "sampler": "euler", "guidance_scale": 3.5, "seed": 7,
+              "size": [64, 32], "model": "/models/my model, v2: final", "shift": 1.5,
+              "camera": {"zoom": 1.5, "x_shift": 0.2, "y_shift": -0.5}, "tread_gamma": [0.0, 0.25],
+              "lora": [["/a/style, soft.safetensors", 0.5], ["/a/ink.safetensors", -1.0]]}
+    assert a1111_parse(parameters_text(record)) == {
+        "Prompt": 'a cat, "sitting": on a mat', "Negative prompt": "blurry, dark",
+        "Steps": "24", "Sampler": "euler", "CFG scale": "3.5", "Seed": "7", "Size": "64x32",
+        "Model": "my model, v2: final", "Camera": "zoom 1.5, x 0.2, y -0.5",
+        "Routing gamma": "0/0.25", "Schedule shift": "1.5", "Lora": "style, soft:0.5, ink:-1"}
+    plain = a1111_parse(parameters_text(record | {"negative_prompt": "", "lora": [],
+                                                  "model": 'say "hi"'}))
+    assert plain["Negative prompt"] == "" and "Lora" not in plain and plain["Model"] == 'say "hi"'
 
 
 def test_several_images_and_a_grid_repeat_with_the_seed(model_dir, tmp_path):
@@ -132,7 +179,7 @@ def test_nothing_is_overwritten_without_asking(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--num", "100000000"], "100,000,000 images (--num) is over the limit of 256"),
+    (["--num", "100000000"], "100,000,000 images (1 prompt × --num 100000000) is over the limit of 256"),
     (["--width", "65536", "--height", "65536"], "pixels per image is over the limit"),
     (["--steps", "2000000000"], "sampling steps is over the limit of 1,000"),
 ])
@@ -141,6 +188,32 @@ def test_oversized_requests_are_refused_before_the_model_loads(tmp_path, capsys,
     assert generate(tmp_path / "no-model", tmp_path / "x.png", *extra) == 2
     err = capsys.readouterr().err
     assert message in err and "--force" in err
+
+
+def test_the_images_of_all_prompts_together_are_limited(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a\nb\nc\n")
+    assert generate(tmp_path / "no-model", tmp_path / "x.png", "--prompts", str(tmp_path / "prompts.txt"),
+                    "--num", "100") == 2
+    err = capsys.readouterr().err
+    assert "400 images (4 prompts × --num 100) is over the limit of 256" in err and "--force" in err
+
+
+def test_images_are_written_as_they_are_made(model_dir, tmp_path, monkeypatch):
+    """A run stopped after its first image has written that image."""
+    from homediff.errors import HomediffError
+
+    drawn, call = [], HomeDiffPipeline.__call__
+
+    def stop_at_the_second(pipe, *args, **kwargs):
+        if drawn:
+            raise HomediffError("stopped")
+        drawn.append(1)
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(HomeDiffPipeline, "__call__", stop_at_the_second)
+    assert generate(model_dir, tmp_path / "out", "--num", "3") == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000.png"]
+    assert json.loads(Image.open(tmp_path / "out" / "000.png").text["homediff"])["seed"] == 7
 
 
 def test_a_request_beyond_free_memory_is_refused_unless_forced(model_dir, tmp_path, capsys, monkeypatch):
@@ -179,3 +252,25 @@ def test_lora_adapters_from_the_command_line(model_dir, tmp_path):
     assert pixels["zero"] == pixels["base"] != pixels["one"]
     record = json.loads(Image.open(tmp_path / "one.png").text["homediff"])
     assert record["lora"] == [[str(tmp_path / "style.safetensors"), 1.0]]
+
+
+@pytest.mark.parametrize("dtype, speedup, expected", [
+    ("float32", 4.0, torch.float32), ("bfloat16", 0.05, torch.bfloat16),  # a name wins
+    ("auto", 0.05, torch.float32), ("auto", 4.0, torch.bfloat16)])  # bfloat16 emulated; native
+def test_dtype_is_the_transformers_precision_while_it_draws(model_dir, tmp_path, monkeypatch, dtype,
+                                                            speedup, expected):
+    """--dtype names the transformer's dtype, or "auto" takes bfloat16 where it is measured clearly
+    faster (the measurement injected: bfloat16 20× slower, as on an AVX2 CPU, or 4× faster)."""
+    from homediff.precision import measured_with
+
+    drawn_in, call = [], HomeDiffPipeline.__call__
+
+    def watched(self, *args, **kwargs):
+        drawn_in.append(next(self.transformer.parameters()).dtype)
+        return call(self, *args, **kwargs)
+    monkeypatch.setattr(HomeDiffPipeline, "__call__", watched)
+    with measured_with(lambda shape, device: speedup):
+        assert main(["generate", "a red cat", "--model", str(model_dir), "--out", str(tmp_path / "x.png"),
+                     "--steps", "1", "--seed", "7", "--dtype", dtype]) == 0
+    assert drawn_in == [expected]
+    assert Image.open(tmp_path / "x.png").size == (16, 16)

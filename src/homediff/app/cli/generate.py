@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -87,8 +88,9 @@ def load_pipeline(args):
     return pipe
 
 
-#: Without --force: what a single run generates at most (a typo such as --num 100000000 or
-#: --width 65536 would otherwise allocate tens of GB before anything else fails).
+#: Without --force: what a single run generates at most, images counted over all its prompts (a
+#: typo such as --num 100000000 or --width 65536 would otherwise run for days or allocate tens of
+#: GB before anything else fails).
 LIMITS = {"pixels": 4096 * 4096, "images": 256, "steps": 1000}
 
 
@@ -102,8 +104,10 @@ def _check_limits(args) -> None:
     if args.force:
         return
     pixels = (args.width or 1024) * (args.height or 1024)
+    prompts = len(args.prompts)
+    images = f"images ({prompts} prompt{'s' * (prompts != 1)} × --num {args.num})"
     for what, value, limit in (("pixels per image", pixels, LIMITS["pixels"]),
-                               ("images (--num)", args.num, LIMITS["images"]),
+                               (images, prompts * args.num, LIMITS["images"]),
                                ("sampling steps", args.steps, LIMITS["steps"])):
         if value > limit:
             raise ConfigError(f"{value:,} {what} is over the limit of {limit:,}: check the value, "
@@ -162,11 +166,12 @@ def prompts_of(args) -> list[str]:
     return prompts
 
 
-def sample(pipe, args, seed: int):
-    """The images of a request (``args`` as parsed, ``args.prompts`` the prompts) and one record of
-    settings per image. Image k is drawn from its own generator seeded seed + k, in batches of
-    ``--batch-size``, so it is the image ``--seed`` seed + k makes alone. ``homediff generate``
-    and ``homediff ui`` both draw through here, so the same settings and seed give the same image."""
+def draw(pipe, args, seed: int):
+    """The images of a request (``args`` as parsed, ``args.prompts`` the prompts), each with its
+    record of settings, yielded as they are made. Image k is drawn from its own generator seeded
+    seed + k, in batches of ``--batch-size``, so it is the image ``--seed`` seed + k makes alone.
+    ``homediff generate`` and ``homediff ui`` both draw through here, so the same settings and
+    seed give the same image."""
     import torch
 
     settings = {"negative_prompt": args.negative, "num_inference_steps": args.steps,
@@ -175,18 +180,23 @@ def sample(pipe, args, seed: int):
                 "camera": {"zoom": args.zoom, "x_shift": args.x_shift, "y_shift": args.y_shift},
                 "tread_gamma": list(args.tread_gamma), "sampler": args.sampler, "shift": args.shift}
     batch_size = getattr(args, "batch_size", 1)
-    images, records = [], []
+    index = 0
     for prompt in args.prompts:
         for start in range(0, args.num, batch_size):
-            seeds = [seed + len(images) + i for i in range(min(batch_size, args.num - start))]
+            seeds = [seed + index + i for i in range(min(batch_size, args.num - start))]
             generators = [torch.Generator().manual_seed(s) for s in seeds]
             drawn = pipe(prompt, num_images_per_prompt=len(seeds), generator=generators, **settings).images
             for image, image_seed in zip(drawn, seeds, strict=True):
-                records.append({"prompt": prompt, **settings, "seed": image_seed, "index": len(images),
-                                "lora": [[str(path), scale] for path, scale in args.lora],
-                                "model": str(args.model), "size": list(image.size)})
-                images.append(image)
-    return images, records
+                yield image, {"prompt": prompt, **settings, "seed": image_seed, "index": index,
+                              "lora": [[str(path), scale] for path, scale in args.lora],
+                              "model": str(args.model), "size": list(image.size)}
+                index += 1
+
+
+def sample(pipe, args, seed: int):
+    """The images of a request (see ``draw``) all at once, and their records."""
+    pairs = list(draw(pipe, args, seed))
+    return [image for image, _ in pairs], [record for _, record in pairs]
 
 
 def parameters_text(record: dict) -> str:
@@ -201,8 +211,17 @@ def parameters_text(record: dict) -> str:
     lines = [record["prompt"]]
     if record["negative_prompt"]:
         lines.append(f"Negative prompt: {record['negative_prompt']}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    lines.append(", ".join(f"{key}: {_quoted(str(value))}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def _quoted(value: str) -> str:
+    """A value as A1111 writes it: as a JSON string where it holds a comma, colon or line break
+    (its reader splits the settings at commas and unquotes a value in double quotes), and here also
+    where a double quote or surrounding space would otherwise be misread."""
+    if any(c in value for c in ',:\n"') or value != value.strip():
+        return json.dumps(value, ensure_ascii=False)
+    return value
 
 
 def save_png(image, path: Path, record: dict) -> None:
@@ -216,8 +235,26 @@ def save_png(image, path: Path, record: dict) -> None:
     image.save(path, pnginfo=info)
 
 
+class _Written(Sequence):
+    """PNG files as a sequence of images, each opened when asked for: a grid made from it holds
+    one image at a time besides itself."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        image = Image.open(self.paths[index])
+        image.load()  # reads the pixels and closes the file
+        return image
+
+
 def save_grid(images, path: Path, records: list[dict]) -> None:
-    """The images as one grid PNG; its metadata lists every image's settings."""
+    """The images (all the same size) as one grid PNG; its metadata lists every image's settings."""
     from PIL.PngImagePlugin import PngInfo
 
     from homediff.figures import image_grid
@@ -240,13 +277,14 @@ def run_generate(args) -> int:
     paths, grid_path = _paths(args.out, len(args.prompts) * args.num, args.overwrite)
     pipe = load_pipeline(args)
     _check_memory(pipe, args)
-    images, records = sample(pipe, args, seed)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for image, path, record in zip(images, paths, records, strict=True):
-        save_png(image, path, record)
-        print(path)
+    records = []
+    for path, (image, record) in zip(paths, draw(pipe, args, seed), strict=True):
+        save_png(image, path, record)  # each image is written as soon as it is made
+        records.append(record)
+        print(path, flush=True)
     if grid_path is not None:
-        save_grid(images, grid_path, records)
+        save_grid(_Written(paths), grid_path, records)
         print(grid_path)
     print(f"seed {seed}")
     return 0
