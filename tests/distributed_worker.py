@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from safetensors.torch import save_file  # noqa: E402
 from train_helpers import tiny_config, train_recording  # noqa: E402
 
+from homediff.training.loop import end_processes  # noqa: E402
+
 out, data, text = map(Path, sys.argv[1:4])
 stage = json.loads(sys.argv[4])
 optimizer = json.loads(sys.argv[5])
@@ -24,3 +26,4 @@ record = {"steps": run.images, "losses": run.losses, "norms": run.norms,
 save_file({k: v.contiguous() for k, v in trainer.unwrapped.state_dict().items()},
           str(out / f"weights-rank{trainer.rank}.safetensors"))
 (out / f"rank{trainer.rank}.json").write_text(json.dumps(record))
+end_processes()

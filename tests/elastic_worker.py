@@ -22,7 +22,7 @@ from train_helpers import tiny_config, train_recording  # noqa: E402
 
 from homediff.errors import CheckpointError  # noqa: E402
 from homediff.training.checkpoint import Checkpoint  # noqa: E402
-from homediff.training.loop import Trainer  # noqa: E402
+from homediff.training.loop import Trainer, end_processes  # noqa: E402
 
 torch.set_num_threads(1)  # two ranks on shared cores
 out, data, text = map(Path, sys.argv[1:4])
@@ -64,3 +64,4 @@ if "shards" in tasks:
     Trainer(config, out / "shards", max_steps=1).run()
 rank = torch.distributed.get_rank()
 (out / f"rank{rank}.json").write_text(json.dumps(record))
+end_processes()

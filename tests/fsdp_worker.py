@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from train_helpers import tiny_config  # noqa: E402
 
 from homediff.errors import ConfigError  # noqa: E402
-from homediff.training.loop import Trainer  # noqa: E402
+from homediff.training.loop import Trainer, end_processes  # noqa: E402
 
 torch.set_num_threads(1)  # two ranks on shared cores
 out, data, text = map(Path, sys.argv[1:4])
@@ -54,3 +54,4 @@ record = {"muon": muon, "world": whole.accelerator.num_processes, "sharded": len
           "parameters": len(list(whole.model.parameters())), "resumed_at": start,
           "whole": losses(whole), "resumed": losses(resumed)}
 (out / f"rank{whole.rank}.json").write_text(json.dumps(record))
+end_processes()

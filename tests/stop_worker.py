@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from train_helpers import tiny_config  # noqa: E402
 
 from homediff.training.components import Builders  # noqa: E402
-from homediff.training.loop import Trainer  # noqa: E402
+from homediff.training.loop import Trainer, end_processes  # noqa: E402
 from homediff.training.objective import training_loss  # noqa: E402
 
 torch.set_num_threads(1)  # two ranks on shared cores
@@ -31,3 +31,4 @@ def loss(batch, parts, settings, generator):
 trainer = Trainer(config, out / "run", builders=Builders(loss=loss))
 record = {"returned": trainer.run(), "step": trainer.progress.step, "signal": trainer._stop_signal}
 (out / f"rank{trainer.rank}.json").write_text(json.dumps(record))
+end_processes()

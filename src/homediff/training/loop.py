@@ -635,4 +635,14 @@ def train(config: TrainConfig, run_dir: str | Path, **options) -> Path | None:
     start = time.perf_counter()
     out = Trainer(config, run_dir, **options).run()
     logger.info("training took %.0f s", time.perf_counter() - start)
+    end_processes()
     return out
+
+
+def end_processes() -> None:
+    """Leave the process group (torchrun, accelerate launch) once this process's training is over.
+    A process that exits still holding it may abort in the communication library's threads at
+    interpreter shutdown, which the launcher reports as a failed run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
