@@ -1,4 +1,4 @@
-"""The GPU checks in one run, for one H100/H200-class GPU within about 8 minutes; one Markdown table.
+"""The GPU checks in one run, for one H100/H200-class GPU within about 12 minutes; one Markdown table.
 
     benchmarks/gpu.sh                        # --pytest: runs `pytest -m gpu` first
     python benchmarks/gpu.py [--pytest] [--peak-tflops N] [--batch N] [--data data/emoji]
@@ -18,7 +18,14 @@ Parts:
   name, or ``--peak-tflops``; else n/a) and peak memory. The batch halves until it fits;
 * ``xut-base sample``: latency of one 1024² image (128² latents, the recipe's text length at
   1024²), 32 Euler steps with classifier-free guidance (both branches in one batch of 2), random
-  bf16 weights and random context states of Qwen3-0.6B's width (1024).
+  bf16 weights and random context states of Qwen3-0.6B's width (1024);
+* ``xut-base rehearsal``: ``homediff train configs/hdm-xut-base.toml --rehearse`` of the 256² and
+  512² stages, with and without gradient checkpointing, 3 optimiser steps each at the micro-batch
+  the rehearsal picks (the stage's batch, halved until the memory estimate fits): samples/s (after
+  the first step), the TFLOP/s and MFU of the plan's FLOPs per sample (backbone, text encoder and
+  VAE encoder) against the card's peak in ``homediff.planning.gpus`` (``--peak-tflops`` wins),
+  measured against predicted peak memory; the check fails beyond ±25 %. A few minutes: each
+  stage builds Qwen3-0.6B and the VAE with random weights and writes a 5 GiB checkpoint.
 
 The exit code is 1 when a check fails or a part breaks.
 """
@@ -70,11 +77,16 @@ class Sizes:
     sample_latent: int = 128
     sample_text: int | None = None  # None: the HDM recipe's at this image size
     sample_steps: int = 32
+    rehearsal_recipe: str = "hdm-xut-base"
+    rehearsal_stages: tuple[str, ...] = ("256", "512")
+    rehearsal_steps: int = 3
 
 
 FULL = Sizes()
 DRY = Sizes(emoji_steps=4, emoji_batch=8, emoji_warmup=1, preset="xut-tiny", train_latent=8,
-            train_text=8, batch=2, warmup=1, timed=2, sample_latent=8, sample_text=8, sample_steps=2)
+            train_text=8, batch=2, warmup=1, timed=2, sample_latent=8, sample_text=8, sample_steps=2,
+            rehearsal_recipe="tiny-emoji", rehearsal_stages=("32",), rehearsal_steps=2)
+MEMORY_TARGET = 0.25  # predicted against measured peak memory
 
 
 @dataclass
@@ -291,6 +303,34 @@ def xut_sample(device: torch.device, sizes: Sizes, peak: float | None) -> Row:
                f"{seconds:.2f} s/image", tflops, tflops / peak if peak else None, memory)
 
 
+def rehearsal(sizes: Sizes, peak: float | None) -> list[Row]:
+    """The recipe's stages rehearsed with and without gradient checkpointing: speed, MFU of the
+    plan's FLOPs per sample, and measured against predicted peak memory."""
+    from homediff.planning.rehearsal import rehearse
+
+    rows = []
+    for checkpointing in (True, False):
+        config = load_config(recipe(sizes.rehearsal_recipe),
+                             [f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+        for result in rehearse(config, steps=sizes.rehearsal_steps, stages=list(sizes.rehearsal_stages)):
+            seconds, planned = result.measured["seconds_per_sample"], result.planned
+            tflops = planned["flops_per_sample"] / seconds / 1e12
+            card = peak or planned["peak_tflops"]
+            error = result.memory_error
+            rows.append(Row(
+                f"{sizes.rehearsal_recipe} rehearsal",
+                f"{result.resolution}² stage, micro-batch {result.micro_batch} × accumulation "
+                f"{result.grad_accum}, {'checkpointing' if checkpointing else 'no checkpointing'}, "
+                f"autocast {result.precision['autocast'] or 'off'}, {result.steps} steps",
+                f"{1 / seconds:,.1f} samples/s", tflops, tflops / card if card else None,
+                result.measured["peak_bytes"] / 2**30,
+                f"predicted {planned['peak_bytes'] / 2**30:.1f} GiB ({error:+.0%}); checkpoint "
+                f"{result.measured['checkpoint_bytes'] / 2**30:.2f} GiB, save "
+                f"{result.measured['save_seconds']:.1f} s, load {result.measured['load_seconds']:.1f} s",
+                ok=abs(error) <= MEMORY_TARGET))
+    return rows
+
+
 def guarded(part: str, measure) -> list[Row]:
     """The part's rows, or one failed row with its error."""
     try:
@@ -322,6 +362,7 @@ def main(argv=None) -> int:
     rows += guarded(f"{sizes.preset} train",
                     lambda: xut_train(device, sizes, (0.0, 0.5), args.batch or sizes.batch, peak))
     rows += guarded(f"{sizes.preset} sample", lambda: xut_sample(device, sizes, peak))
+    rows += guarded(f"{sizes.rehearsal_recipe} rehearsal", lambda: rehearsal(sizes, args.peak_tflops))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
     print("# python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"# {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, peak "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one script, within about 8 minutes on one H100/H200-class GPU: `pytest -m gpu`
+# The GPU checks in one script, within about 12 minutes on one H100/H200-class GPU: `pytest -m gpu`
 # (tests/test_gpu.py), then benchmarks/gpu.py's training and sampling parts; prints a Markdown
 # table and exits non-zero when a check fails.
 #

@@ -160,5 +160,8 @@ def test_gpu_benchmark_dry_run_prints_its_table():
     assert lines[0] == "# python benchmarks/gpu.py --dry"
     assert "| part | setting | speed | TFLOP/s | MFU | peak memory | check |" in lines
     parts = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ")]
-    assert parts[1:] == ["tiny-emoji train", "xut-tiny train", "xut-tiny train", "xut-tiny sample"]
+    assert parts[1:] == ["tiny-emoji train", "xut-tiny train", "xut-tiny train", "xut-tiny sample",
+                         "tiny-emoji rehearsal", "tiny-emoji rehearsal"]
+    rehearsals = [line for line in lines if line.startswith("| tiny-emoji rehearsal")]
+    assert all("predicted" in line and "checkpoint" in line for line in rehearsals)
     assert "FAILED" not in done.stdout

@@ -19,12 +19,13 @@ from homediff.app.cli import eval as eval_commands
 from homediff.app.cli import export as export_commands
 from homediff.app.cli import generate as generate_commands
 from homediff.app.cli import model as model_commands
+from homediff.app.cli import plan as plan_commands
 from homediff.app.cli import train as train_commands
 from homediff.app.cli import ui as ui_commands
 from homediff.errors import HomediffError
 
-COMMAND_GROUPS = (demo_commands, data_commands, train_commands, generate_commands, eval_commands,
-                  ui_commands, model_commands, export_commands, doctor_commands)
+COMMAND_GROUPS = (demo_commands, data_commands, train_commands, plan_commands, generate_commands,
+                  eval_commands, ui_commands, model_commands, export_commands, doctor_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
