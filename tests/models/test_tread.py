@@ -43,3 +43,20 @@ def test_rate_bounds():
     assert tread.kept_count(10, 0.0) == 10
     with pytest.raises(ValueError):
         tread.kept_count(10, 1.0)
+
+
+def test_a_model_without_pre_routing_blocks_routes_under_bfloat16_autocast():
+    """Without blocks before the routed span the full sequence is the float32 embedding while the
+    span returns bfloat16 under autocast: the merge must take both."""
+    from homediff.models import XUT, XUTConfig
+
+    torch.manual_seed(0)
+    model = XUT(XUTConfig(dim=64, ctx_dim=48, head_dim=16, mlp_dim=96, depth=2, enc_blocks=1,
+                          dec_blocks=2, tread_pre_blocks=0, tread_post_blocks=1)).train()
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 48), torch.rand(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, ctx, tread_rate=0.5, generator=torch.Generator().manual_seed(0))
+    out.float().square().mean().backward()
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()
+               if p.requires_grad and p.grad is not None)

@@ -58,15 +58,19 @@ MODELS = {
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 @pytest.mark.parametrize("batch, rate", [(1, 0.5), (2, 0.5), (2, 0.0)])
 def test_the_activation_formula_is_what_autograd_keeps(name, autocast, batch, rate, one_thread):
-    if name == "no pre-routing block" and autocast and rate:
-        pytest.skip("XUT routes a bfloat16 sequence into float32 blocks here and cannot merge them")
     torch.manual_seed(0)
     settings = dict(dim=64, ctx_dim=48, head_dim=16, mlp_dim=96, depth=2, enc_blocks=1, dec_blocks=2,
                     tread_pre_blocks=1, tread_post_blocks=1)
     config = XUTConfig(**{**settings, **MODELS[name]})
     model = XUT(config).train()
     shape = StepShape(batch, 4, 8, 8, 5, rate, 2 if autocast else 4)
-    assert activations(model, shape).saved == saved_bytes(model, shape)
+    predicted, saved = activations(model, shape).saved, saved_bytes(model, shape)
+    if name == "no pre-routing block" and autocast and rate:
+        # no preset has this: the float32 embedding meets the bfloat16 span at the merge, which the
+        # formula counts at the span's precision on both sides, a little above what autograd keeps
+        assert saved <= predicted <= 1.01 * saved
+    else:
+        assert predicted == saved
 
 
 def test_the_activations_are_linear_in_the_batch_and_lower_with_checkpointing_and_routing():

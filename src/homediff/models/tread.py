@@ -47,6 +47,7 @@ def select(x: torch.Tensor, kept: torch.Tensor, n_image: int) -> torch.Tensor:
 def merge(x: torch.Tensor, routed: torch.Tensor, kept: torch.Tensor, n_image: int) -> torch.Tensor:
     """Write the core's outputs ``routed`` (B, K + T, D) back into the full sequence x (B, L + T, D)."""
     keep = kept.shape[1]
+    routed = routed.to(x.dtype)  # under autocast the core may return a lower precision than x has
     index = kept.unsqueeze(-1).expand(-1, -1, x.shape[-1])
     image = x[:, :n_image].scatter(1, index, routed[:, :keep])
     return torch.cat((image, routed[:, keep:]), dim=1)
