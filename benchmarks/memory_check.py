@@ -2,6 +2,7 @@
 
     python benchmarks/memory_check.py                       # every row below
     python benchmarks/memory_check.py --only tiny           # rows whose name contains "tiny"
+    python benchmarks/memory_check.py --set train.mixed_precision=bf16   # a change for every row
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/memory_check.py --only "256² mb1 ckpt"
 
 Rows: xut-base (configs/hdm-xut-base.toml, its real encoder shapes) at 256² and 512², micro-batch
@@ -48,12 +49,14 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="the rows whose name contains this text")
     parser.add_argument("--steps", type=int, default=2, help="optimiser steps per row (default 2: "
                         "the second runs with the optimiser's state in place)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config change for every row, e.g. train.mixed_precision=bf16")
     args = parser.parse_args(argv)
     chosen = [row for row in rows() if not args.only or args.only in row[0]]
     lines = []
     for name, config_name, overrides, stage, micro in chosen:
         started = time.perf_counter()
-        config = load_config(recipe(config_name), overrides)
+        config = load_config(recipe(config_name), overrides + args.overrides)
         (result,) = rehearse(config, steps=args.steps, stages=[stage], micro_batch=micro)
         error = result.memory_error
         precision = result.precision

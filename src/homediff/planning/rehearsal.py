@@ -33,8 +33,6 @@ from pathlib import Path
 from homediff.errors import ConfigError, HomediffError
 from homediff.training.config import InitSection, TrainConfig, config_from_dict, parse_toml, to_toml
 
-logger = logging.getLogger(__name__)
-
 FREE_MEMORY_SHARE = 0.9  # a GPU micro-batch is chosen to fit this share of the free memory
 
 
