@@ -33,7 +33,7 @@ def test_a_tiny_config_rehearses_end_to_end_and_reports_consistent_numbers(tmp_p
     Checkpoint.load(folder)  # whole, as the rehearsal read it back
     assert measured["checkpoint_bytes"] == sum(f.stat().st_size for f in folder.iterdir())
     assert measured["checkpoint_bytes"] > planned["checkpoint_bytes"] > 0  # files add JSON and random states
-    assert measured["save_seconds"] > 0 and measured["load_seconds"] > 0
+    assert 0 < measured["save_seconds"] + measured["load_seconds"] < measured["wall_seconds"]
     assert measured["seconds_per_sample"] > 0 and planned["seconds_per_sample"] > 0
     assert planned["samples"] == 10 * 4 * 2
     assert math.isclose(measured["projected_hours"], 80 * measured["seconds_per_sample"] / 3600)

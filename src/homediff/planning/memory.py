@@ -103,7 +103,9 @@ def estimate_memory(config: TrainConfig, stage_index: int, *, micro_batch: int |
     checkpointing = config.train.gradient_checkpointing if checkpointing is None else checkpointing
     shapes = encoder_shapes(config)
     model = backbone(config, shapes)
-    chosen = {**decide_precisions(config, shapes, model.config, device), **(precisions or {})}
+    chosen = dict(precisions or {})
+    if not {"autocast", "text"} <= set(chosen):
+        chosen = {**decide_precisions(config, shapes, model.config, device), **chosen}
     compute = BYTES[chosen["autocast"]] if chosen["autocast"] else F32
     side = stage.resolution // shapes.factor
     step = acts.StepShape(batch, shapes.channels, side, side, stage.text_length, stage.tread_rate, compute)

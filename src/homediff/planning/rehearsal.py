@@ -13,7 +13,7 @@ which is then read back into the model.
 
 Measured against the plan (``planning.plan`` on this device, ``planning.memory``): seconds per
 sample after the first step (and the stage's hours at that rate, its samples shared by ``gpus``
-processes), the peak memory of training (CUDA's most allocated, or on a CPU the process's peak
+processes), the stage's rehearsal in seconds of wall time, the peak memory of training (CUDA's most allocated, or on a CPU the process's peak
 resident memory, both taken before the checkpoint is written), the checkpoint's size on disk and
 the time to write and to read it.
 """
@@ -96,7 +96,9 @@ def rehearse(config: TrainConfig, *, steps: int = 2, stages: list[str] | None = 
         run_dir = Path(work_dir) / f"stage-{index}"
         request = {"config": to_toml(config), "index": index, "steps": steps,
                    "micro_batch": micro_batch, "run_dir": str(run_dir)}
+        started = time.perf_counter()
         measured = _child(request, Path(work_dir) / f"stage-{index}.json")
+        measured["measured"]["wall_seconds"] = time.perf_counter() - started
         config, fixed = decided(config, measured["precision"])
         if fixed and index != indices[-1]:
             measured["changes"].append(f"the later stages keep these precisions ({', '.join(fixed)})")

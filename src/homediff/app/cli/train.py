@@ -105,7 +105,7 @@ def rehearsal_lines(results, source: str, gpus: int) -> list[str]:
 
     first = results[0]
     header = ["stage", "res", "micro×accum", "s/sample (plan)", f"stage h on {gpus} (plan)",
-              "peak memory (plan)", "Δ", "checkpoint (plan)", "save s", "load s"]
+              "peak memory (plan)", "Δ", "checkpoint (plan)", "save s", "load s", "wall s"]
     rows = []
     for r in results:
         m, p = r.measured, r.planned
@@ -114,7 +114,7 @@ def rehearsal_lines(results, source: str, gpus: int) -> list[str]:
                      f"{_hours(m['projected_hours'])} ({_hours(p['hours'])})",
                      f"{_size(m['peak_bytes'])} ({_size(p['peak_bytes'])})", f"{r.memory_error:+.0%}",
                      f"{_size(m['checkpoint_bytes'])} ({_size(p['checkpoint_bytes'])})",
-                     f"{m['save_seconds']:.2g}", f"{m['load_seconds']:.2g}"])
+                     f"{m['save_seconds']:.2g}", f"{m['load_seconds']:.2g}", f"{m['wall_seconds']:.0f}"])
     memory = "CUDA's most allocated" if first.device.startswith("cuda") else "peak resident memory"
     precision = first.precision
     out = [f"{source}: rehearsal on {first.device} ({memory}), {first.steps} optimiser steps per "
