@@ -13,9 +13,9 @@ which is then read back into the model.
 
 Measured against the plan (``planning.plan`` on this device, ``planning.memory``): seconds per
 sample after the first step (and the stage's hours at that rate, its samples shared by ``gpus``
-processes), the stage's rehearsal in seconds of wall time, the peak memory of training (CUDA's most allocated, or on a CPU the process's peak
-resident memory, both taken before the checkpoint is written), the checkpoint's size on disk and
-the time to write and to read it.
+processes), the stage's rehearsal in seconds of wall time, the peak memory of training (CUDA's
+most allocated, or on a CPU the process's peak resident memory, both taken before the checkpoint
+is written), the checkpoint's size on disk and the time to write and to read it.
 """
 
 from __future__ import annotations
