@@ -164,3 +164,17 @@ def test_a_cpu_estimate_counts_the_runtime_measured_and_reading_the_text_encoder
     assert parts["text encoder loading"] == 2 * parts["text encoder weights"]  # stored in float32
     assert estimate.total >= parts["runtime"] + parts["text encoder loading"]
     assert parts["data batches"] == 2 * 4 * 8 * 8 * 5 * 4  # both micro-batches of a step
+
+
+def test_the_phases_combine_as_a_step_runs():
+    """Weights and optimiser state stay; the gradients, activations and encoder transients are
+    phases. Accumulating, a later micro-batch encodes with every gradient held; on a CPU the VAE's
+    transient stays resident beside the backbone's backward pass."""
+    parts = {"backbone weights": 100, "optimiser state": 200, "gradients": 50, "activations": 30,
+             "text encoder transient": 60, "VAE transient": 70, "text encoder weights": 5,
+             "VAE weights": 5}
+    steady = 310
+    assert memory._peak(parts, held=False, resident=False) == steady + 80  # gradients + activations
+    assert memory._peak(parts, held=True, resident=False) == steady + 50 + 70  # held + VAE
+    assert memory._peak(parts, held=False, resident=True) == steady + 50 + 30 + 70
+    assert memory._peak({**parts, "VAE transient": 10}, held=False, resident=False) == steady + 80

@@ -1,37 +1,10 @@
 import json
-import sys
-import types
-from dataclasses import dataclass, field
 
 import pytest
 
 from homediff.app.cli import main
 
 HDM = ["plan", "configs/hdm-xut-base.toml", "--gpu", "rtx5090", "--gpus", "4"]
-
-
-@dataclass
-class StandInEstimate:
-    parts: dict = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return sum(self.parts.values())
-
-
-@pytest.fixture(autouse=True)
-def memory_model(monkeypatch):
-    """The memory model, or a stand-in with its interface where it is not there yet."""
-    try:
-        import homediff.planning.memory  # noqa: F401
-    except ImportError:
-        def estimate_memory(config, stage_index, *, micro_batch=None, checkpointing=None,
-                            processes=1, sharding="ddp", device="cuda"):
-            return StandInEstimate({"weights": 2 ** 30, "activations": 0 if checkpointing else 2 ** 35})
-
-        stand_in = types.ModuleType("homediff.planning.memory")
-        stand_in.estimate_memory = estimate_memory
-        monkeypatch.setitem(sys.modules, "homediff.planning.memory", stand_in)
 
 
 @pytest.fixture
