@@ -32,3 +32,27 @@ class EvalSettings:
                                   f"{getattr(self, name)}")
         if self.seen < 0 or self.heldout < 0 or self.distractors < 0:
             raise ConfigError("seen, heldout and distractors must be >= 0")
+
+
+@dataclass
+class CameraSettings:
+    """Options of ``homediff eval camera`` (``homediff.evaluation.camera``): each prompt is drawn
+    with seeds ``seed … seed + seeds − 1`` in the canonical view and in every edit; ``prompts`` is
+    how many training captions are drawn when none are given."""
+
+    prompts: int = 4
+    seeds: int = 3
+    steps: int = 16
+    cfg: float = 3.0
+    seed: int = 0
+    size: int | None = None
+    batch: int = 16
+    progress: bool = False
+
+    def check(self) -> None:
+        for name in ("prompts", "steps", "batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seeds < 2:
+            raise ConfigError(f"seeds must be at least 2 (different seeds give the baseline), got "
+                              f"{self.seeds}")
