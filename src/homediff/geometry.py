@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _box(nh: int, nw: int) -> tuple[float, float]:
+def canonical_box(nh: int, nw: int) -> tuple[float, float]:
     """Half-extents (y, x) of the canonical box: the long side spans [−1, 1]."""
     aspect = nw / nh
     if aspect > 1:
@@ -42,7 +42,7 @@ def _centres(half: float, n: int, device=None) -> torch.Tensor:
 
 def canonical_grid(nh: int, nw: int, device=None) -> torch.Tensor:
     """The canonical position map of an nh × nw grid, shape (nh·nw, 2), (y, x), float32."""
-    half_y, half_x = _box(nh, nw)
+    half_y, half_x = canonical_box(nh, nw)
     ys, xs = _centres(half_y, nh, device), _centres(half_x, nw, device)
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)
 
@@ -53,7 +53,7 @@ def crop_window(full_h: int, full_w: int, top: int, left: int, height: int, widt
     if top < 0 or left < 0 or top + height > full_h or left + width > full_w:
         raise ValueError(
             f"crop window {height}x{width} at ({top}, {left}) lies outside a {full_h}x{full_w} grid")
-    half_y, half_x = _box(full_h, full_w)  # only the window's rows and columns are built
+    half_y, half_x = canonical_box(full_h, full_w)  # only the window's rows and columns are built
     ys = _centres(half_y, full_h, device)[top:top + height]
     xs = _centres(half_x, full_w, device)[left:left + width]
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)

@@ -7,13 +7,15 @@
    cores or more (torchrun over gloo, each process with the recipe's batch), because the tiny
    model's small matrix products scale poorly over threads;
 3. writes into the output folder: ``model/`` (the pipeline), ``samples.png`` (prompts seen in
-   training and held-out combinations), ``camera.png`` (zoom and shifts on one prompt and seed),
-   ``loss.png``, and the evaluation report ``eval.md`` / ``eval.json`` with its PNGs.
+   training and held-out combinations), ``loss.png``, the evaluation report ``eval.md`` /
+   ``eval.json`` with its PNGs, and the camera measurement (``homediff eval camera`` on four seen
+   prompts): ``camera.png``, ``camera.md`` / ``camera.json``, its table also in ``eval.md``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import subprocess
@@ -24,10 +26,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 from homediff.errors import ConfigError, HomediffError
-from homediff.evaluation import EvalSettings, evaluate_fidelity, read_split
+from homediff.evaluation import (CameraSettings, EvalSettings, camera_markdown, evaluate_camera,
+                                 evaluate_fidelity, markdown, read_split, spread_captions)
 from homediff.figures import labelled_grid
 from homediff.pipeline import HomeDiffPipeline
 from homediff.training.checkpoint import Checkpoint, list_checkpoints
@@ -99,34 +101,22 @@ def train_for(config: TrainConfig, out: Path, minutes: float, processes: int = 1
     return Checkpoint.read_progress(written[-1])["progress"]["step"]
 
 
-def sample_sheets(pipe: HomeDiffPipeline, data: Path, out: Path, seeds: int = 4, rows: int = 6,
-                  steps: int = 24, cfg: float = 3.0) -> list[Path]:
-    """samples.png (seen prompts, then held-out ones) and camera.png."""
+def sample_sheet(pipe: HomeDiffPipeline, data: Path, out: Path, seeds: int = 4, rows: int = 6,
+                 steps: int = 24, cfg: float = 3.0) -> Path:
+    """samples.png: seen prompts, then held-out ones."""
     train, held = read_split(data)
-    seen = sorted(train)[:: max(1, len(train) // rows)][:rows]
+    seen = spread_captions(train, rows)
     prompts = [(f"seen: {c}", c) for c in seen] + [(f"held-out: {c}", c) for c in sorted(held)[:rows]]
     size = pipe.sample_size
 
-    def draw(prompt: str, seed: int, height: int = size, width: int = size, **options):
-        return pipe(prompt, height=height, width=width, num_inference_steps=steps,
-                    guidance_scale=cfg, generator=torch.Generator().manual_seed(seed),
-                    **options).images[0]
+    def draw(prompt: str, seed: int):
+        return pipe(prompt, height=size, width=size, num_inference_steps=steps,
+                    guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)).images[0]
 
     samples = labelled_grid([(label, [draw(prompt, seed) for seed in range(seeds)])
                              for label, prompt in prompts])
     samples.save(out / "samples.png")
-    prompt = seen[0]
-    moves = [("as is", {}), ("zoom 1.5", {"zoom": 1.5}), ("zoom 0.7", {"zoom": 0.7}),
-             ("x -0.4", {"x_shift": -0.4}), ("x +0.4", {"x_shift": 0.4}), ("y +0.4", {"y_shift": 0.4})]
-    strip = [draw(prompt, 0, camera=camera) for _, camera in moves]
-    wide = draw(prompt, 0, width=2 * size)
-    camera_sheet = labelled_grid([(f"camera: {prompt}", strip)], columns=[m for m, _ in moves])
-    sheet = Image.new("RGB", (camera_sheet.width, camera_sheet.height + wide.height * 2), "white")
-    sheet.paste(camera_sheet, (0, 0))
-    ImageDraw.Draw(sheet).text((4, camera_sheet.height + wide.height - 6), "2:1, same seed", fill="black")
-    sheet.paste(wide.resize((wide.width * 2, wide.height * 2), Image.NEAREST), (260, camera_sheet.height))
-    sheet.save(out / "camera.png")
-    return [out / "samples.png", out / "camera.png"]
+    return out / "samples.png"
 
 
 def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | Path = "data/emoji",
@@ -155,8 +145,16 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | P
     model_dir = out / "model"
     pipe = HomeDiffPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
-    sheets = sample_sheets(pipe, data, out)
+    samples = sample_sheet(pipe, data, out)
     report = evaluate_fidelity(pipe, data, settings or EvalSettings(progress=True), out=out)
-    report["files"] = [str(p) for p in [model_dir, *sheets, out / "loss.png", out / "eval.md"]]
+    prompts = spread_captions(read_split(data)[0], CameraSettings.prompts)
+    camera = evaluate_camera(pipe, prompts, CameraSettings(progress=True), out=out)
+    report["camera"] = {**camera, "edits": {name: {k: v for k, v in edit.items() if k != "records"}
+                                            for name, edit in camera["edits"].items()}}
     report["steps"], report["processes"] = steps, processes
+    (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / "eval.md").write_text(markdown(report) + "\n" + camera_markdown(report["camera"]),
+                                 encoding="utf-8")
+    report["files"] = [str(p) for p in [model_dir, samples, out / "camera.png", out / "loss.png",
+                                        out / "eval.md"]]
     return report

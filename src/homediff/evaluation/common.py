@@ -74,6 +74,13 @@ def choose_captions(train: dict, held: dict, settings: EvalSettings):
     return seen, heldout, sorted(chosen - set(seen))
 
 
+def spread_captions(captions, count: int) -> list[str]:
+    """``count`` captions spread evenly over the sorted ``captions`` (for sample sheets and the
+    camera evaluation: a fixed, varied choice)."""
+    ordered = sorted(captions)
+    return ordered[:: max(1, len(ordered) // count)][:count]
+
+
 def _draw(captions: dict, count: int, rng: random.Random) -> list[str]:
     """``count`` distinct captions, each drawn with probability proportional to its images."""
     tickets = [c for c in sorted(captions) for _ in range(max(1, len(captions[c])))]

@@ -58,8 +58,9 @@ def test_eval_shapes_scores_composition(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("words, message", [
-    (["one", "two"], "expected MODEL_DIR or 'shapes MODEL_DIR'"),
-    (["shapes"], "expected MODEL_DIR or 'shapes MODEL_DIR'"),
+    (["one", "two"], "expected MODEL_DIR, 'shapes MODEL_DIR' or 'camera MODEL_DIR'"),
+    (["shapes"], "expected MODEL_DIR, 'shapes MODEL_DIR' or 'camera MODEL_DIR'"),
+    (["camera"], "expected MODEL_DIR, 'shapes MODEL_DIR' or 'camera MODEL_DIR'"),
     (["nowhere"], "nowhere: no such file or folder"),
 ])
 def test_mistakes_are_reported(setup, capsys, words, message):
@@ -87,3 +88,40 @@ def test_the_command_takes_its_defaults_from_the_settings():
                  "feature_size", "size"):
         assert getattr(args, name) == getattr(defaults, name), name
     assert defaults.feature_size == INPUT_SIZE
+
+
+def test_eval_camera_measures_every_edit_of_a_real_pipeline(setup, tmp_path, capsys):
+    from homediff.evaluation.camera import EDITS
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n  a blue square  \n")
+    assert main(["eval", "camera", str(setup / "run/model"), "--prompts", str(prompts),
+                 "--seeds", "2", "--steps", "1", "--out", str(tmp_path)]) == 0
+    assert "| zoom 1.5 | zoom 1.5 |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "camera.json").read_text())
+    assert report["prompts"] == ["a red circle", "a blue square"] and report["resolution"] == 16
+    assert [e["images"] for e in report["edits"].values()] == [4] * len(EDITS)
+    assert (tmp_path / "camera.png").stat().st_size > 0
+
+
+def test_eval_camera_draws_prompts_from_the_data(setup, tmp_path):
+    assert main(["eval", "camera", str(setup / "run/model"), "--data", str(setup / "shapes"),
+                 "--count", "1", "--seeds", "2", "--steps", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "camera.json").read_text())
+    train = {p.read_text().strip() for p in (setup / "shapes/train").glob("*.txt")}
+    assert len(report["prompts"]) == 1 and report["prompts"][0] in train
+
+
+@pytest.mark.parametrize("options, message", [
+    ([], "needs --prompts FILE (one prompt per line) or --data DIR"),
+    (["--seeds", "1"], "seeds must be at least 2"),
+    (["--prompts", "missing.txt"], "missing.txt: cannot read the prompts"),
+])
+def test_eval_camera_mistakes_are_reported(setup, capsys, options, message):
+    assert main(["eval", "camera", str(setup / "run/model"), *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fidelity_needs_data(setup, capsys):
+    assert main(["eval", str(setup / "run/model")]) == 2
+    assert "needs --data DIR" in capsys.readouterr().err

@@ -9,8 +9,8 @@ def register(commands) -> None:
     demo = commands.add_parser(
         "demo", help="train the built-in emoji model from scratch, then show and measure it",
         description="Builds the emoji set if missing, trains the tiny-emoji recipe within the time "
-                    "budget, and writes the pipeline, sample grids, a camera strip, the loss curve "
-                    "and the evaluation report into --out.")
+                    "budget, and writes the pipeline, sample grids, the loss curve, the evaluation "
+                    "report and the camera measurement into --out.")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     demo.add_argument("--minutes", type=float, default=15.0, help="training time budget")
@@ -25,11 +25,12 @@ def register(commands) -> None:
 
 def run(args) -> int:
     from homediff.app.demo import run_demo
-    from homediff.evaluation import markdown
+    from homediff.evaluation import camera_markdown, markdown
 
     report = run_demo(args.out, args.minutes, args.data, overrides=args.overrides,
                       processes=args.processes, overwrite=args.overwrite)
     print(markdown(report))
+    print(camera_markdown(report["camera"]))
     print(f"trained {report['steps']} steps in {report['processes']} process(es); written:")
     for path in report["files"]:
         print(f"  {path}")
