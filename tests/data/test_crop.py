@@ -102,6 +102,16 @@ def test_center_and_none_modes():
     assert torch.equal(whole.pos, canonical_grid(20, 50))
 
 
+def test_squash_resizes_the_whole_image_to_the_square_with_the_square_grid():
+    image = column_image(20, 50)
+    squashed = shifted_square_crop(image, 20, "squash")
+    assert squashed.image.shape == (3, 20, 20)
+    assert torch.equal(squashed.pos, canonical_grid(20, 20))
+    assert squashed.aspect == pytest.approx(math.log(50 / 20))
+    first, last = ((squashed.image[0, 0, [0, -1]] + 1) * 127.5).tolist()
+    assert first < 3 and last > 46  # both ends of the 50 columns are in view
+
+
 def test_small_image_is_upscaled_and_values_stay_in_range():
     crop = shifted_square_crop(Image.fromarray(pattern(10, 20)), 32, "random",
                                torch.Generator().manual_seed(0))
@@ -131,6 +141,6 @@ def test_to_tensor_maps_bytes_to_minus_one_one():
 def test_bad_mode_and_size_raise_config_errors():
     image = Image.fromarray(pattern(8, 8))
     with pytest.raises(ConfigError, match="crop mode"):
-        shifted_square_crop(image, 8, "squash")
+        shifted_square_crop(image, 8, "tile")
     with pytest.raises(ConfigError, match="positive"):
         shifted_square_crop(image, 0)

@@ -5,7 +5,8 @@ The image is resized so its short side is ``size`` (long side ``round(size·long
 Pillow's antialiased bicubic filter. A ``size × size`` window is taken along the long side: at a
 uniformly random offset in ``[0, long − size]`` (every offset, the last included), or centred.
 The window's position map is cut from the canonical grid of the whole resized image
-(``homediff.geometry``), so the model sees where in the full picture the crop lies.
+(``homediff.geometry``), so the model sees where in the full picture the crop lies. "squash", the
+naive baseline, resizes the whole image to ``size × size`` and gives it the square's grid.
 
 Conventions: image (3, H, W) float in [−1, 1]; position map (H·W, 2) as (y, x), row-major;
 aspect = ln(W/H) of the whole resized image (positive for landscape, 0 for square).
@@ -55,12 +56,17 @@ def shifted_square_crop(image: Image.Image, size: int, mode: str = "random",
                         generator: torch.Generator | None = None) -> Crop:
     """Resize the short side of an RGB image to ``size`` and crop (see the module docstring).
 
-    ``mode``: "random" (shifted square crop), "center", or "none" (the whole resized image).
+    ``mode``: "random" (shifted square crop), "center", "squash" (the whole image resized to the
+    square, with the square's grid and the original aspect), or "none" (the whole resized image).
     """
     if mode not in CROP_MODES:
         raise ConfigError(f"unknown crop mode {mode!r}: use one of {', '.join(CROP_MODES)}")
     if size < 1:
         raise ConfigError(f"crop size must be positive, got {size}")
+    if mode == "squash":
+        window = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return Crop(to_tensor(window), crop_window(size, size, 0, 0, size, size),
+                    math.log(image.width / image.height))
     full_h, full_w = resized_size(image.height, image.width, size)
     top = left = 0
     crop_h, crop_w = (full_h, full_w) if mode == "none" else (size, size)

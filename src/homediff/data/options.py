@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from homediff.errors import ConfigError
 
-CROP_MODES = ("random", "center", "none")
+CROP_MODES = ("random", "center", "squash", "none")
 MISSING_CAPTION = ("empty", "skip")
 DEFAULT_MAX_PIXELS = 8192 * 8192
 DEFAULT_MAX_ASPECT = 8.0
@@ -51,7 +51,8 @@ class CaptionConfig:
 class DataConfig:
     """How images and captions become training samples.
 
-    size: crop side in pixels. crop: "random" (shifted square crop), "center" or "none".
+    size: crop side in pixels. crop: "random" (shifted square crop), "center", "squash" (the whole
+    image resized to the square, its aspect distorted) or "none" (the whole image, aspect kept).
     flip: probability of a horizontal flip. min_size: skip images whose short side is smaller
     (0: upscale every small image). max_pixels: refuse larger images; max_aspect: refuse images
     whose long side is more than this many times the short one; max_file_bytes: refuse larger
