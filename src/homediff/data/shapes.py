@@ -48,7 +48,8 @@ SUPERSAMPLE = 4
 
 @dataclass(frozen=True)
 class Shape:
-    """One object: colour, shape, centre (cx, cy) and side, as fractions of the image side."""
+    """One object: colour, shape, centre (cx, cy) and side, as fractions of the image side (of
+    the short side on a non-square canvas: ``homediff.data.scenes``)."""
 
     colour: str
     shape: str
@@ -154,14 +155,12 @@ def random_spec(rng: random.Random, heldout: bool = False) -> Spec:
     return Spec(((1 if kind == "single" else rng.choice((2, 3)), *used[0]),))
 
 
-def render(objects: list[Shape], size: int) -> Image.Image:
-    """An RGB ``size × size`` image of the objects on white (drawn at 4×, box-filtered down)."""
-    big = size * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), (255, 255, 255))
+def draw_objects(image: Image.Image, objects: list[Shape], unit: float) -> None:
+    """Draw the objects on ``image``; their centres and sides are in units of ``unit`` pixels."""
     draw = ImageDraw.Draw(image)
     for o in objects:
-        half = o.side * big / 2
-        x, y = o.cx * big, o.cy * big
+        half = o.side * unit / 2
+        x, y = o.cx * unit, o.cy * unit
         box = [x - half, y - half, x + half, y + half]
         fill = COLOURS[o.colour]
         if o.shape == "circle":
@@ -170,7 +169,24 @@ def render(objects: list[Shape], size: int) -> Image.Image:
             draw.rectangle(box, fill=fill)
         else:
             draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=fill)
+
+
+def render(objects: list[Shape], size: int) -> Image.Image:
+    """An RGB ``size × size`` image of the objects on white (drawn at 4×, box-filtered down)."""
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), (255, 255, 255))
+    draw_objects(image, objects, big)
     return image.reduce(SUPERSAMPLE)
+
+
+def prepare_build(out: Path, kind: str) -> None:
+    """Make ``out`` ready for a build of ``kind``: new, empty, or an earlier build (whose train/
+    and heldout/ are removed); any other folder is an error."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / "split.json").is_file():
+            raise HomediffError(f"{out} exists and is not a {kind} build: give a new or empty folder")
+        for part in ("train", "heldout"):
+            shutil.rmtree(out / part, ignore_errors=True)
 
 
 def build_shapes_dataset(out: str | Path, size: int = 64, count: int = 10_000,
@@ -182,11 +198,7 @@ def build_shapes_dataset(out: str | Path, size: int = 64, count: int = 10_000,
         raise ConfigError(f"need size >= 16 and count >= 1, got size {size}, count {count}")
     heldout = max(50, count // 20) if heldout is None else heldout
     out, started, rng = Path(out), time.perf_counter(), random.Random(seed)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "split.json").is_file():
-            raise HomediffError(f"{out} exists and is not a shapes build: give a new or empty folder")
-        for part in ("train", "heldout"):
-            shutil.rmtree(out / part, ignore_errors=True)
+    prepare_build(out, "shapes")
     records, listed = [], []
     for split, number in (("train", count), ("heldout", heldout)):
         (out / split).mkdir(parents=True, exist_ok=True)
