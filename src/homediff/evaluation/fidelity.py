@@ -14,19 +14,27 @@ data is; the feature network scales it up like a generated image) give the ceili
 k / gallery captions. FD-EffNetLite0 is the Fréchet distance between Gaussians fitted to the
 generated and the reference features of the evaluation captions (its round-trip value is the
 ceiling). It depends on the sample sizes: compare runs only at equal settings, never with FID.
+
+Standard metrics, from weight files the user supplies (``EvalSettings.inception_weights`` and
+``clip``): FID is the same Fréchet distance on the same image sets with the features of FID's
+Inception network (``homediff.evaluation.inception``); the CLIP score
+(``homediff.evaluation.clip_score``) is that of the generated images with their prompts, its
+ceiling that of the round-tripped references with their captions.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from homediff.caching import MemoryCache, cache_key, tensor_file_cache, user_cache_dir
-from homediff.evaluation import effnet
+from homediff.evaluation import effnet, inception
+from homediff.evaluation.clip_score import load_clip
 from homediff.evaluation.common import EvalSettings, generate, load_image, select
 from homediff.evaluation.metrics import (TOPK, caption_ranks, frechet_distance, topk_accuracy,
                                          topk_standard_error)
@@ -37,61 +45,101 @@ logger = logging.getLogger(__name__)
 FD_NAME = "FD-EffNetLite0"
 
 
-def embed(images: list[torch.Tensor], settings: EvalSettings, model=None,
+@dataclass
+class FeatureNet:
+    """A loaded feature network: ``extract`` maps a batch of images in [−1, 1] to (B, D) features;
+    ``identity`` tells its features apart in the cache."""
+
+    identity: tuple
+    extract: Callable[[torch.Tensor], torch.Tensor]
+
+
+def effnet_net(settings: EvalSettings, device) -> FeatureNet:
+    model = effnet.load_effnet(device)
+    return FeatureNet((settings.feature_size,),
+                      lambda batch: effnet.features(batch, size=settings.feature_size, model=model))
+
+
+def inception_net(path: str, device) -> FeatureNet:
+    model = inception.load_inception(path, device)
+    stat = Path(path).stat()
+    return FeatureNet(("FID Inception", str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size),
+                      lambda batch: inception.features(batch, model))
+
+
+def embed(images: list[torch.Tensor], settings: EvalSettings, net: FeatureNet,
           what: str = "images") -> torch.Tensor:
-    """Features of (3, H, W) images, batched by shape, in input order (``model``: a loaded
-    EfficientNet-Lite0, default the CPU one)."""
+    """Features of (3, H, W) images, batched by shape, in input order."""
     from tqdm.auto import tqdm
 
-    out = torch.zeros(len(images), effnet.FEATURE_DIM)
     groups: dict[tuple, list[int]] = {}
     for i, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(i)
     batches = [indices[start:start + 32] for indices in groups.values()
                for start in range(0, len(indices), 32)]
+    order, found = [], []
     for part in tqdm(batches, desc=f"embedding {what}", disable=not settings.progress):
-        batch = torch.stack([images[i] for i in part])
-        out[part] = effnet.features(batch, size=settings.feature_size, model=model)
-    return out
+        found.append(net.extract(torch.stack([images[i] for i in part])))
+        order += part
+    return torch.cat(found)[torch.tensor(order).argsort()]
 
 
-def reference_features(paths: list[Path], size: int | None, settings: EvalSettings, model=None):
+def reference_features(paths: list[Path], size: int | None, settings: EvalSettings,
+                       net: FeatureNet) -> torch.Tensor:
     """Features of reference images (round-tripped through ``size`` if given), cached on disk
-    under ``user_cache_dir("features")``, keyed by paths, modification times, sizes and settings."""
+    under ``user_cache_dir("features")``, keyed by paths, modification times, sizes, the network
+    and settings."""
     stats = [(str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths]
     cache = tensor_file_cache(user_cache_dir("features")) if settings.cache else MemoryCache(0)
-    key = cache_key("reference features", stats, size, settings.feature_size)
+    key = cache_key("reference features", stats, size, *net.identity)
     found = cache.get(key)
     if found is None:
-        found = embed([load_image(p, size) for p in paths], settings, model,
+        found = embed([load_image(p, size) for p in paths], settings, net,
                       "references" if size is None else "round-tripped references")
         cache.put(key, found)
     return found
 
 
+def _distances(generated: torch.Tensor, references: torch.Tensor, round_trip: torch.Tensor) -> dict:
+    enough = min(len(generated), len(references)) >= 2
+    return {"generated": frechet_distance(generated, references) if enough else None,
+            "round_trip": frechet_distance(round_trip, references) if enough else None,
+            "samples": [len(generated), len(references)]}
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    return float(values.mean()) if len(values) else None
+
+
 def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = None,
                       out: str | Path | None = None) -> dict:
-    """Prompt fidelity and FD-EffNetLite0 of a pipeline on a data folder; writes the report
-    (``write_report``) to ``out`` if given and returns it."""
+    """Prompt fidelity and FD-EffNetLite0 of a pipeline on a data folder, with FID and the CLIP
+    score when their weights are given; writes the report (``write_report``) to ``out`` if given
+    and returns it."""
     started = time.perf_counter()
     s = select(pipe, data, settings)
     settings, size, train, held = s.settings, s.size, s.train, s.held
     seen, heldout, distractors = s.seen, s.heldout, s.distractors
-    model = effnet.load_effnet(pipe.device)
+    net = effnet_net(settings, pipe.device)
+    fid_net = (inception_net(settings.inception_weights, pipe.device)
+               if settings.inception_weights else None)
+    clip = load_clip(settings.clip, pipe.device) if settings.clip else None
     refs = {c: train[c][:settings.refs_per_caption] for c in seen + distractors}
     refs |= {c: held[c][:settings.refs_per_caption] for c in heldout}
     gallery_captions = [c for c, paths in refs.items() for _ in paths]
-    gallery = reference_features([p for paths in refs.values() for p in paths], None, settings,
-                                 model)
+    gallery = reference_features([p for paths in refs.values() for p in paths], None, settings, net)
     evaluated = [(c, p) for c in seen + heldout for p in refs[c]]
-    round_trip = reference_features([p for _, p in evaluated], size, settings, model)
+    round_trip = reference_features([p for _, p in evaluated], size, settings, net)
     wanted = set(seen) | set(heldout)
     references = gallery[[i for i, c in enumerate(gallery_captions) if c in wanted]]
+    fid_refs = [reference_features([p for _, p in evaluated], side, settings, fid_net)
+                for side in (None, size)] if fid_net else None
     referenced = time.perf_counter()
     images = generate(pipe, seen + heldout, settings, size)
     generated_at = time.perf_counter()
-    generated = embed(list(images), settings, model, "generated images")
+    generated = embed(list(images), settings, net, "generated images")
     prompts = [c for c in seen + heldout for _ in range(settings.per_caption)]
+    tiles = [load_image(p, size) for _, p in evaluated]
     report = {"kind": "fidelity", "data": str(data), "resolution": size,
               "settings": asdict(settings),
               "gallery": {"captions": len(refs), "images": len(gallery_captions),
@@ -99,24 +147,32 @@ def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = No
               "chance": [min(k / len(refs), 1.0) for k in range(1, TOPK + 1)]}
     ranks = caption_ranks(generated, prompts, gallery, gallery_captions)
     ceiling = caption_ranks(round_trip, [c for c, _ in evaluated], gallery, gallery_captions)
+    picks = {}
     for name, split in (("seen", set(seen)), ("heldout", set(heldout))):
         pick = [i for i, c in enumerate(prompts) if c in split]
         ref_pick = [i for i, (c, _) in enumerate(evaluated) if c in split]
+        picks[name] = pick, ref_pick
         report[name] = {"captions": len(split), "images": len(pick),
                         "topk": topk_accuracy(ranks[pick]),
                         "topk_se": topk_standard_error(ranks[pick], [prompts[i] for i in pick]),
                         "ceiling": topk_accuracy(ceiling[ref_pick])}
-    enough = min(len(generated), len(references)) >= 2
-    report["fd"] = {"name": FD_NAME,
-                    "generated": frechet_distance(generated, references) if enough else None,
-                    "round_trip": frechet_distance(round_trip, references) if enough else None,
-                    "samples": [len(generated), len(references)],
+    report["fd"] = {"name": FD_NAME, **_distances(generated, references, round_trip),
                     "feature_size": settings.feature_size}
+    report["fid"] = report["clip_score"] = None
+    if fid_net:
+        fid_generated = embed(list(images), settings, fid_net, "generated images for FID")
+        report["fid"] = {"weights": settings.inception_weights,
+                         **_distances(fid_generated, *fid_refs)}
+    if clip:
+        scores = clip(images, prompts)
+        ref_scores = clip(torch.stack(tiles), [c for c, _ in evaluated])
+        report["clip_score"] = {"weights": settings.clip} | {
+            name: {"generated": _mean(scores[pick]), "ceiling": _mean(ref_scores[ref_pick])}
+            for name, (pick, ref_pick) in picks.items()}
     report["seconds"] = {"references": round(referenced - started, 1),
                          "generation": round(generated_at - referenced, 1),
                          "total": round(time.perf_counter() - started, 1)}
     if out is not None:
-        tiles = [load_image(p, size) for _, p in evaluated]
         write_report(report, out, "eval", sample_rows(seen, heldout, evaluated, tiles, images,
                                                        settings.per_caption))
     return report

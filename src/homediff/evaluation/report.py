@@ -43,14 +43,39 @@ def markdown(report: dict) -> str:
             f"{_pct(s['ceiling'][k - 1])} | {_pct(h['topk'][k - 1], h['topk_se'][k - 1])} | "
             f"{_pct(h['ceiling'][k - 1])} | "
             f"{_pct(report['chance'][k - 1])} |" for k in (1, 5)]
-    fd = report["fd"]
     return (f"Prompt fidelity at {report['resolution']} px: caption retrieval among "
             f"{report['gallery']['captions']} gallery captions "
             f"({report['gallery']['distractors']} of them distractors)\n\n" + head
-            + "\n".join(rows) + f"\n\n| {fd['name']} (EfficientNet-Lite0 features at "
-            f"{fd['feature_size']} px; not FID) | generated | round trip (ceiling) |\n"
-            f"|---|---:|---:|\n| {fd['samples'][0]} generated vs {fd['samples'][1]} reference "
-            f"images | {_num(fd['generated'])} | {_num(fd['round_trip'])} |\n")
+            + "\n".join(rows) + "\n\n" + _standard_metrics(report))
+
+
+def _standard_metrics(report: dict) -> str:
+    """The Fréchet distances (FD-EffNetLite0, FID if measured), the CLIP score if measured, and a
+    note on what is missing."""
+    fd, fid, clip = report["fd"], report.get("fid"), report.get("clip_score")
+    lines = [f"| Fréchet distance, {fd['samples'][0]} generated vs {fd['samples'][1]} reference "
+             "images | generated | round trip (ceiling) |", "|---|---:|---:|",
+             f"| {fd['name']} (EfficientNet-Lite0 features at {fd['feature_size']} px; not FID) | "
+             f"{_num(fd['generated'])} | {_num(fd['round_trip'])} |"]
+    if fid:
+        lines.append(f"| FID (Inception-v3 pool3 features, {Path(fid['weights']).name}) | "
+                     f"{_num(fid['generated'])} | {_num(fid['round_trip'])} |")
+    if clip:
+        s, h = clip["seen"], clip["heldout"]
+        lines += ["", f"| CLIP score ({Path(clip['weights']).name}) | seen | ceiling | held-out | "
+                  "ceiling |", "|---|---:|---:|---:|---:|",
+                  f"| 100 · max(cos(image, caption), 0) | {_num(s['generated'])} | "
+                  f"{_num(s['ceiling'])} | {_num(h['generated'])} | {_num(h['ceiling'])} |"]
+    lines.append("")
+    if fid:
+        lines.append("FID falls as the number of images grows: compare it only at equal counts "
+                     "(published FIDs use 10,000 to 50,000 images).")
+    else:
+        lines.append("FD-EffNetLite0 is not FID and not comparable with published FIDs; give the "
+                     "FID Inception weights (`--inception-weights`) to measure FID.")
+    if not clip:
+        lines.append("No CLIP score: give a local CLIP model (`--clip`) to measure it.")
+    return "\n".join(lines) + "\n"
 
 
 def sample_rows(seen, heldout, evaluated, tiles, images, per_caption, rows: int = 6):

@@ -9,7 +9,8 @@ from homediff.errors import ConfigError
 
 @dataclass
 class EvalSettings:
-    """Options of both evaluations (``homediff.evaluation.common``); ``size`` None: the pipeline's."""
+    """Options of both evaluations (``homediff.evaluation.common``); ``size`` None: the pipeline's.
+    ``inception_weights`` and ``clip`` add FID and the CLIP score to the fidelity evaluation."""
 
     per_caption: int = 2
     seen: int = 50
@@ -24,6 +25,8 @@ class EvalSettings:
     feature_size: int = 224  # EfficientNet-Lite0's input side (effnet.INPUT_SIZE)
     cache: bool = True
     progress: bool = False
+    inception_weights: str | None = None  # FID's Inception-v3 file (evaluation.inception)
+    clip: str | None = None  # a local CLIP file or folder for the CLIP score (evaluation.clip_score)
 
     def check(self) -> None:
         for name in ("per_caption", "refs_per_caption", "steps", "batch", "feature_size"):
