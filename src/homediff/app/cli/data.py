@@ -1,4 +1,5 @@
-"""``homediff data``: pack a folder into shards, check a dataset, build the emoji or shapes set."""
+"""``homediff data``: pack a folder into shards, check a dataset, build the emoji, shapes or scenes
+set."""
 
 from __future__ import annotations
 
@@ -71,6 +72,17 @@ def register(commands) -> None:
     shapes.add_argument("--seed", type=int, default=0, help="seed of the scenes (0)")
     shapes.set_defaults(run=run_shapes)
 
+    scenes = actions.add_parser("scenes", help="build a synthetic set of wide and tall scenes of "
+                                "coloured shapes (for the shifted square crop and camera control)")
+    scenes.add_argument("out", type=Path, help="new folder for train/, heldout/ and split.json")
+    scenes.add_argument("--size", type=int, default=64, help="short side in pixels (64)")
+    scenes.add_argument("--count", type=int, default=10000, help="training scenes (10000)")
+    scenes.add_argument("--heldout", type=int, help="held-out scenes (default count/20, >= 50)")
+    scenes.add_argument("--seed", type=int, default=0, help="seed of the scenes (0)")
+    scenes.add_argument("--aspects", help="W:H=SHARE,... (default 1:1, 3:2, 2:3, 2:1 and 1:2, a "
+                        "fifth each; the long side at most twice the short)")
+    scenes.set_defaults(run=run_scenes)
+
 
 def run_pack(args) -> int:
     from homediff.data.shards import pack_folder
@@ -137,6 +149,17 @@ def run_shapes(args) -> int:
 
     summary = build_shapes_dataset(args.out, args.size, args.count, args.heldout, args.seed)
     print(f"shapes set in {args.out} ({summary['seconds']} s): {summary['train']} training and "
+          f"{summary['heldout']} held-out scenes")
+    print(f"train on {args.out / 'train'}; the held-out split is in {args.out / 'split.json'}")
+    return 0
+
+
+def run_scenes(args) -> int:
+    from homediff.data.scenes import build_scenes_dataset, parse_aspects
+
+    aspects = parse_aspects(args.aspects) if args.aspects else None
+    summary = build_scenes_dataset(args.out, args.size, args.count, args.heldout, args.seed, aspects)
+    print(f"scenes set in {args.out} ({summary['seconds']} s): {summary['train']} training and "
           f"{summary['heldout']} held-out scenes")
     print(f"train on {args.out / 'train'}; the held-out split is in {args.out / 'split.json'}")
     return 0
