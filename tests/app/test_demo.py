@@ -16,7 +16,8 @@ from homediff.training.loop import Trainer
 
 
 def test_packaged_recipes_load():
-    for name in ("tiny-emoji", "tiny-shapes", "hdm-xut-base", "finetune-lora-emoji", "hdm-finetune-lora"):
+    for name in ("tiny-emoji", "tiny-shapes", "tiny-scenes", "hdm-xut-base", "finetune-lora-emoji",
+                 "hdm-finetune-lora"):
         assert load_config(recipe(name)).stages
     tiny, finetune = load_config(recipe("tiny-emoji")), load_config(recipe("finetune-lora-emoji"))
     for section in ("model", "text_encoder", "autoencoder"):  # the demo model's own shape
