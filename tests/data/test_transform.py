@@ -6,7 +6,7 @@ from homediff.data.transform import DataConfig, make_sample, sample_seed
 from homediff.errors import ConfigError
 
 
-@pytest.mark.parametrize("options,field", [({"size": 0}, "size"), ({"crop": "squash"}, "crop"),
+@pytest.mark.parametrize("options,field", [({"size": 0}, "size"), ({"crop": "stretch"}, "crop"),
                                            ({"flip": 2.0}, "flip"),
                                            ({"missing_caption": "fail"}, "missing_caption"),
                                            ({"captions": {"tag_dropout": -1}}, "tag_dropout")])
