@@ -51,7 +51,7 @@ def make_jpegs(folder: Path, count: int, height: int, width: int) -> float:
 def make_emoji(folder: Path, count: int) -> str:
     """The first ``count`` emoji PNGs, or synthetic 64-px PNGs if the emoji extra is missing."""
     try:
-        from homediff.data import emoji
+        from homediff.datasets import emoji
         chosen = emoji.list_emoji()[:count]
         emoji.build_emoji_dataset(folder, size=64, workers=2, emojis=chosen)
         return "OpenMoji PNG"

@@ -149,14 +149,14 @@ def run_pytest() -> Row:
 def dataset(folder: Path | None, work: Path, dry: bool) -> tuple[Path, str]:
     """The training folder and its name: the emoji set (given, or built in ``work``), or the
     shapes set where the emoji set cannot be built (or in a dry run)."""
-    from homediff.data.shapes import build_shapes_dataset
+    from homediff.datasets.shapes import build_shapes_dataset
     from homediff.errors import HomediffError
 
     if not dry:
         if folder is not None and (folder / "train").is_dir():
             return folder / "train", "emoji"
         try:
-            from homediff.data.emoji import build_emoji_dataset
+            from homediff.datasets.emoji import build_emoji_dataset
 
             build_emoji_dataset(work / "emoji", size=64)
             return work / "emoji" / "train", "emoji"

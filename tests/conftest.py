@@ -6,7 +6,7 @@ import torch
 
 from tiny_components import OFFICIAL_SMALL
 
-from homediff.data import shapes
+from homediff.datasets import shapes
 
 
 @pytest.fixture

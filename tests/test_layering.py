@@ -20,6 +20,7 @@ LAYERS = [
     ["caching"],
     ["precision", "geometry", "figures", "exports", "extras", "hub"],
     ["data", "models", "diffusion", "encoders"],
+    ["datasets"],
     ["pipeline"],
     ["training", "evaluation", "diffusers_pipeline"],
     ["planning"],

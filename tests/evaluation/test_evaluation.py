@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from homediff import evaluation as evaluate
-from homediff.data.shapes import build_shapes_dataset
+from homediff.datasets.shapes import build_shapes_dataset
 from homediff.errors import HomediffError
 from homediff.evaluation import (EvalSettings, caption_ranks, frechet_distance, topk_accuracy,
                                  topk_standard_error)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from homediff.data import shapes
+from homediff.datasets import shapes
 from homediff.evaluation.shape_checker import PROPERTIES, check, detect, score
 
 

@@ -125,7 +125,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 15.0, data: str | P
     """Build the data if needed, train within ``minutes`` (in ``processes``, default
     ``default_processes()``), write samples and the evaluation. An earlier demo in ``out`` is
     replaced only with ``overwrite``."""
-    from homediff.data.emoji import build_emoji_dataset
+    from homediff.datasets.emoji import build_emoji_dataset
 
     out, data = Path(out), Path(data)
     if processes is not None and processes < 1:

@@ -177,7 +177,7 @@ def demo_estimate(minutes: float = 15.0, data: str | Path = "data/emoji", overri
     with contextlib.ExitStack() as stack:
         data = Path(data)
         if not (data / "train").is_dir():
-            from homediff.data.emoji import build_emoji_dataset
+            from homediff.datasets.emoji import build_emoji_dataset
 
             data = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "emoji"
             build_emoji_dataset(data, size=64)

@@ -1,11 +1,12 @@
-"""Image–caption data: folder and shard datasets, the shifted square crop, captions, the emoji set.
+"""The input pipeline for image–caption data: folder and shard datasets, the shifted square crop,
+captions, batches (the built-in sets are ``homediff.datasets``).
 
     from homediff.data import DataConfig, FolderDataset, make_loader
     loader = make_loader(FolderDataset("my_images", DataConfig(size=256)), batch_size=16)
     for batch in loader:  # image (B,3,S,S) in [−1,1], pos (B,S·S,2) (y,x), aspect (B,), caption
         ...
 
-Needs the ``data`` extra (Pillow, webdataset); the emoji builder needs the ``emoji`` extra.
+Needs the ``data`` extra (Pillow, webdataset).
 """
 
 from homediff.exports import lazy_exports

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from homediff.data.shapes import parse_caption
+from homediff.datasets.shapes import parse_caption
 from homediff.evaluation.common import EvalSettings, generate, load_image, select
 from homediff.evaluation.report import sample_rows, write_report
 from homediff.evaluation.shape_checker import PROPERTIES, check

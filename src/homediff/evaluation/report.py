@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from homediff.data.shapes import KINDS
+from homediff.datasets.shapes import KINDS
 from homediff.evaluation.metrics import TOPK
 from homediff.evaluation.shape_checker import PROPERTIES
 from homediff.figures import image_grid, line_plot

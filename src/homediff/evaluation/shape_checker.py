@@ -1,4 +1,4 @@
-"""The shapes checker: reads the objects of a shapes scene (``homediff.data.shapes``) back from an
+"""The shapes checker: reads the objects of a shapes scene (``homediff.datasets.shapes``) back from an
 image and scores each property its caption states, as GenEval does for real models, with rules
 instead of a detector.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from homediff.data.shapes import COLOURS, SHAPES, Spec, parse_caption
+from homediff.datasets.shapes import COLOURS, SHAPES, Spec, parse_caption
 
 PROPERTIES = ("colour", "shape", "count", "objects", "relation", "all")
 CHROMA, MIN_AREA, MIN_IOU = 0.25, 0.01, 0.5

@@ -125,7 +125,7 @@ def run_check(args) -> int:
 
 
 def run_emoji(args) -> int:
-    from homediff.data.emoji import build_emoji_dataset
+    from homediff.datasets.emoji import build_emoji_dataset
 
     summary = build_emoji_dataset(args.out, args.size, args.scenes, args.scene_aspect, args.seed,
                                   args.workers)
@@ -136,7 +136,7 @@ def run_emoji(args) -> int:
 
 
 def run_concept(args) -> int:
-    from homediff.data.concept import build_concept_set
+    from homediff.datasets.concept import build_concept_set
 
     record = build_concept_set(args.source, args.out, args.word, args.match, args.prior, args.repeats)
     print(f"{record['concept_images']} images of {args.match!r} as {args.word!r} (x{args.repeats}) and "
@@ -145,7 +145,7 @@ def run_concept(args) -> int:
 
 
 def run_shapes(args) -> int:
-    from homediff.data.shapes import build_shapes_dataset
+    from homediff.datasets.shapes import build_shapes_dataset
 
     summary = build_shapes_dataset(args.out, args.size, args.count, args.heldout, args.seed)
     print(f"shapes set in {args.out} ({summary['seconds']} s): {summary['train']} training and "
@@ -155,7 +155,7 @@ def run_shapes(args) -> int:
 
 
 def run_scenes(args) -> int:
-    from homediff.data.scenes import build_scenes_dataset, parse_aspects
+    from homediff.datasets.scenes import build_scenes_dataset, parse_aspects
 
     aspects = parse_aspects(args.aspects) if args.aspects else None
     summary = build_scenes_dataset(args.out, args.size, args.count, args.heldout, args.seed, aspects)

@@ -9,9 +9,9 @@ from PIL import Image
 
 from homediff.app.cli import main
 from homediff.app.demo import recipe
-from homediff.data import scenes
+from homediff.datasets import scenes
 from homediff.data.crop import shifted_square_crop
-from homediff.data.shapes import COLOURS, HELDOUT_PAIRS
+from homediff.datasets.shapes import COLOURS, HELDOUT_PAIRS
 from homediff.errors import ConfigError, HomediffError
 from homediff.evaluation.shape_checker import detect
 from homediff.training.config import load_config

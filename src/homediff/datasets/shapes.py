@@ -49,7 +49,7 @@ SUPERSAMPLE = 4
 @dataclass(frozen=True)
 class Shape:
     """One object: colour, shape, centre (cx, cy) and side, as fractions of the image side (of
-    the short side on a non-square canvas: ``homediff.data.scenes``)."""
+    the short side on a non-square canvas: ``homediff.datasets.scenes``)."""
 
     colour: str
     shape: str

@@ -7,7 +7,7 @@ fifth each), each holding its share of the scenes rounded by largest remainder; 
 at most twice the short one. Keep 1:1 in any mix: the scale of the canonical square view is learnt
 from square scenes only.
 
-Objects: the shapes vocabulary (``homediff.data.shapes``: 6 colours, 3 shapes), each object of a
+Objects: the shapes vocabulary (``homediff.datasets.shapes``: 6 colours, 3 shapes), each object of a
 different colour, so that a colour names one object of a scene. For a long/short ratio r a scene
 holds ceil(1.5·r) to ceil(2·r) + 1 objects, as many as fit (2–3 on a square, 3–4 at 3:2, 3–5 at
 2:1). Sides are ``SIDES`` of the short side (at least 6 px at a 24 px crop). Objects follow each
@@ -50,7 +50,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from homediff.data.shapes import (COLOURS, HELDOUT_PAIRS, SHAPES, SUPERSAMPLE, Shape, draw_objects,
+from homediff.datasets.shapes import (COLOURS, HELDOUT_PAIRS, SHAPES, SUPERSAMPLE, Shape, draw_objects,
                                   prepare_build)
 from homediff.errors import ConfigError, HomediffError
 from homediff.geometry import canonical_grid

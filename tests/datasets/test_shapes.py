@@ -4,7 +4,7 @@ import random
 import pytest
 from PIL import Image
 
-from homediff.data import shapes
+from homediff.datasets import shapes
 from homediff.errors import HomediffError
 from homediff.evaluation.shape_checker import check
 

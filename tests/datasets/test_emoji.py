@@ -14,7 +14,7 @@ except (ImportError, OSError) as err:
 from PIL import Image  # noqa: E402
 
 from homediff.app.cli import main  # noqa: E402
-from homediff.data import emoji as emoji_set  # noqa: E402
+from homediff.datasets import emoji as emoji_set  # noqa: E402
 from homediff.data.check import check_folder  # noqa: E402
 from homediff.data.folder import scan_folder  # noqa: E402
 

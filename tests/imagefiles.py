@@ -1,4 +1,4 @@
-"""Real image files for the data tests, made on the spot."""
+"""Real image files for the data and datasets tests, made on the spot."""
 
 from __future__ import annotations
 

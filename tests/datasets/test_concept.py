@@ -4,7 +4,7 @@ import pytest
 from imagefiles import save_image
 
 from homediff.app.cli import main
-from homediff.data.concept import build_concept_set
+from homediff.datasets.concept import build_concept_set
 from homediff.data.folder import scan_folder
 from homediff.errors import HomediffError
 
