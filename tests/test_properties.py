@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from homediff.data.captions import process_caption
 from homediff.data.crop import resized_size, shifted_square_crop
-from homediff.data.loader import hflip
 from homediff.data.options import CaptionConfig
+from homediff.data.transform import hflip
 from homediff.errors import ConfigError
 from homediff.geometry import camera, canonical_grid, crop_window
 from homediff.training.config import apply_override, config_from_dict, load_config, to_dict, to_toml

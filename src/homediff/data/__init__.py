@@ -15,9 +15,10 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "captions": ["process_caption"],
     "crop": ["Crop", "shifted_square_crop"],
     "folder": ["FolderDataset", "scan_folder"],
-    "loader": ["EpochSampler", "collate", "hflip", "make_loader"],
+    "loader": ["EpochSampler", "collate", "make_loader"],
     "options": ["CaptionConfig", "DataConfig"],
     "problems": ["BadSample", "ProblemLog"],
     "shards": ["ShardDataset", "ShardProgress", "pack_folder"],
+    "transform": ["hflip"],
 })
 __all__ = __dir__()

@@ -11,7 +11,7 @@ from pathlib import Path
 from homediff.data.folder import Entry, missing_captions, read_entry, scan_folder
 from homediff.data.problems import BadSample, Note
 from homediff.data.progress import progress
-from homediff.data.shards import _IMAGE_MEMBERS, shard_list
+from homediff.data.shards import IMAGE_MEMBERS, shard_list
 from homediff.data.transform import DataConfig, load
 from homediff.extras import require
 
@@ -90,9 +90,9 @@ def check_shards(shards, config: DataConfig | None = None, size: int | None = No
         return True
 
     def read(raw: dict):
-        image = next((raw[m] for m in _IMAGE_MEMBERS if m in raw), None)
+        image = next((raw[m] for m in IMAGE_MEMBERS if m in raw), None)
         if image is None:
-            raise BadSample("no-image", f"no image member ({', '.join(_IMAGE_MEMBERS)})")
+            raise BadSample("no-image", f"no image member ({', '.join(IMAGE_MEMBERS)})")
         return image, raw.get("txt")
 
     with progress(f"checking {shards}", None, "sample") as bar:

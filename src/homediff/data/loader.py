@@ -1,4 +1,4 @@
-"""Batches: collate, the epoch sampler, the DataLoader factory and the horizontal flip."""
+"""Batches: collate, the epoch sampler and the DataLoader factory."""
 
 from __future__ import annotations
 
@@ -12,18 +12,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
 from homediff.errors import ConfigError, HomediffError
-
-
-def hflip(image: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror a (3, H, W) crop and its (H·W, 2) position map.
-
-    The mirrored crop is the window of the mirrored full image, whose grid is the same canonical
-    grid: columns are reversed and x is negated, so x still increases to the right.
-    """
-    height, width = image.shape[-2:]
-    grid = pos.view(height, width, 2).flip(1)
-    grid = grid * grid.new_tensor([1.0, -1.0])
-    return image.flip(-1), grid.reshape(-1, 2)
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -31,7 +31,7 @@ from homediff.extras import require
 
 logger = logging.getLogger(__name__)
 
-_IMAGE_MEMBERS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)
+IMAGE_MEMBERS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS)  # the keys an image may have in a shard
 
 
 def shard_list(shards: str | Path | Iterable[str | Path]) -> list[str]:
@@ -161,9 +161,9 @@ class ShardDataset(IterableDataset):
         label = f"{raw['__url__']}:{key}"
         generator = torch.Generator().manual_seed(sample_seed(*seed))
         try:
-            image = next((raw[m] for m in _IMAGE_MEMBERS if m in raw), None)
+            image = next((raw[m] for m in IMAGE_MEMBERS if m in raw), None)
             if image is None:
-                raise BadSample("no-image", f"no image member ({', '.join(_IMAGE_MEMBERS)})")
+                raise BadSample("no-image", f"no image member ({', '.join(IMAGE_MEMBERS)})")
             sample, notes = make_sample(image, raw.get("txt"), label, self.config, generator)
         except BadSample as bad:
             self.problems.note(label, bad.kind, bad.detail, skipped=True)

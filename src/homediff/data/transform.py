@@ -9,7 +9,6 @@ import torch
 from homediff.data.captions import decode_caption, process_caption
 from homediff.data.crop import shifted_square_crop
 from homediff.data.images import Image, decode_image
-from homediff.data.loader import hflip
 from homediff.data.options import MAX_CAPTION_BYTES, DataConfig
 from homediff.data.problems import BadSample, Note
 
@@ -18,6 +17,18 @@ def sample_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (base seed, epoch, index ...)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def hflip(image: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror a (3, H, W) crop and its (H·W, 2) position map.
+
+    The mirrored crop is the window of the mirrored full image, whose grid is the same canonical
+    grid: columns are reversed and x is negated, so x still increases to the right.
+    """
+    height, width = image.shape[-2:]
+    grid = pos.view(height, width, 2).flip(1)
+    grid = grid * grid.new_tensor([1.0, -1.0])
+    return image.flip(-1), grid.reshape(-1, 2)
 
 
 def load(image_bytes: bytes, caption_bytes: bytes | None, config: DataConfig, notes: list[Note],

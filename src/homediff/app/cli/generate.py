@@ -46,7 +46,7 @@ def register(commands) -> None:
                      help="routing rates of the conditional and unconditional branch (0 = none)")
     gen.add_argument("--sampler", default="euler", help="euler (default) or heun")
     gen.add_argument("--shift", type=float, default=1.0, help="time-grid shift (1 = uniform)")
-    gen.add_argument("--lora", action="append", default=[], type=_lora_spec, metavar="PATH[:SCALE]",
+    gen.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="PATH[:SCALE]",
                      help="apply a LoRA adapter file at SCALE (default 1); repeatable")
     gen.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
     gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -59,7 +59,7 @@ def register(commands) -> None:
     gen.set_defaults(run=run_generate)
 
 
-def _lora_spec(text: str) -> tuple[Path, float]:
+def lora_spec(text: str) -> tuple[Path, float]:
     """``PATH`` or ``PATH:SCALE``."""
     path, _, scale = text.rpartition(":")
     try:

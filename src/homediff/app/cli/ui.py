@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def register(commands) -> None:
-    from homediff.app.cli.generate import _lora_spec
+    from homediff.app.cli.generate import lora_spec
 
     ui = commands.add_parser(
         "ui", help="serve a web page to generate images, with camera control",
@@ -18,7 +18,7 @@ def register(commands) -> None:
     ui.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per image (1024²)")
     ui.add_argument("--max-steps", type=int, default=100, help="sampling steps per request (100)")
     ui.add_argument("--max-images", type=int, default=8, help="images per request (8)")
-    ui.add_argument("--lora", action="append", default=[], type=_lora_spec, metavar="PATH[:SCALE]",
+    ui.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="PATH[:SCALE]",
                     help="load a LoRA adapter (its scale is a slider on the page); repeatable")
     ui.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
     ui.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
