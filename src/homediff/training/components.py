@@ -1,9 +1,11 @@
-"""What a training run is made of, and the functions that build each part from the config.
+"""The parts of a training run, and the functions that build each one from the config.
 
-The trainer does not build its parts: it calls the builders it is given (``Builders``, by default
-the functions below). A test hands in a model that records its inputs or a monitor that records
-every step; a fine-tuning run hands in a model initialised from saved weights. Each builder takes
-the config and what it depends on and returns the part on the training device.
+``Builders`` holds one function per part (text encoder, autoencoder, backbone, EMA, optimiser, batch
+stream, monitor) and the loss; the Trainer makes its parts by calling the ones it is given, by
+default the functions below. Tests hand in recording monitors, models or losses; the planning
+rehearsal hands in stand-in encoders and a random batch stream. A fine-tune uses the default
+builders: ``[init] from`` makes them load saved weights (``training.init``) and ``[lora]`` adds
+adapters to the backbone. ``Components`` is what the loss reads at each step.
 """
 
 from __future__ import annotations
