@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from homediff.errors import CheckpointError
-from homediff.training.checkpoint import (Checkpoint, latest_checkpoint, list_checkpoints, load_tensors,
-                                          load_tree, rng_state, save_tensors, save_tree, set_rng_state,
+from homediff.training.checkpoint import (Checkpoint, list_checkpoints, load_tensors, load_tree,
+                                          rng_state, save_tensors, save_tree, set_rng_state,
                                           write_checkpoint)
 
 
@@ -22,7 +22,7 @@ def test_keeps_the_last_k(tmp_path):
     for step in (10, 20, 30, 40):
         write_checkpoint(tmp_path, step, {"w.safetensors": writer(step)}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000030", "step-00000040"]
-    assert load_tensors(latest_checkpoint(tmp_path) / "w.safetensors")["x"][0] == 40
+    assert load_tensors(list_checkpoints(tmp_path)[-1] / "w.safetensors")["x"][0] == 40
 
 
 def test_a_kill_mid_write_leaves_the_previous_checkpoint(tmp_path):
@@ -38,7 +38,7 @@ write_checkpoint({str(tmp_path)!r}, 2, {{"a.safetensors": half, "b.safetensors":
     result = subprocess.run([sys.executable, "-c", script])
     assert result.returncode == 9
     assert (tmp_path / "step-00000002.partial").exists()
-    latest = latest_checkpoint(tmp_path)
+    latest = list_checkpoints(tmp_path)[-1]
     assert latest.name == "step-00000001"
     assert load_tensors(latest / "w.safetensors")["x"][0] == 1
     write_checkpoint(tmp_path, 2, {"w.safetensors": writer(2)})  # the next write replaces the debris

@@ -11,7 +11,7 @@ from train_helpers import (EPS32, assert_trained_alike, flat, recording, square_
 
 from homediff.errors import ConfigError
 from homediff.pipeline import HomeDiffPipeline
-from homediff.training.checkpoint import latest_checkpoint, list_checkpoints, load_tensors
+from homediff.training.checkpoint import list_checkpoints, load_tensors
 from homediff.training.components import build_model, build_optimizer
 from homediff.training.loop import Trainer, TrainingStopped
 
@@ -74,7 +74,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(assets, tmp_path, optimize
 
     first = Trainer(config, tmp_path / "split", max_steps=8)  # stops inside the second stage
     assert first.run() is None
-    assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-00000008"
+    assert list_checkpoints(tmp_path / "split" / "checkpoints")[-1].name == "step-00000008"
     resumed = Trainer(config, tmp_path / "split", resume="latest")
     assert resumed.progress.step == 8 and resumed.progress.stage == 1
     resumed.run()
@@ -210,9 +210,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(assets, tmp_path):
         watchdog.cancel()
     assert process.returncode == 0, err
     assert "resume with --resume latest" in err
-    step = int(latest_checkpoint(run_dir / "checkpoints").name.split("-")[1])
+    step = int(list_checkpoints(run_dir / "checkpoints")[-1].name.split("-")[1])
     assert step >= 2
     resumed = Trainer(config, run_dir, resume="latest", max_steps=step + 2)
     assert resumed.progress.step == step
     resumed.run()
-    assert latest_checkpoint(run_dir / "checkpoints").name == f"step-{step + 2:08d}"
+    assert list_checkpoints(run_dir / "checkpoints")[-1].name == f"step-{step + 2:08d}"

@@ -14,8 +14,7 @@ from train_helpers import square_folder, text_encoder_folder, tiny_config
 
 from homediff.data import pack_folder
 from homediff.errors import CheckpointError, ConfigError, HomediffError
-from homediff.training.checkpoint import (Checkpoint, latest_checkpoint, list_checkpoints, load_tensors,
-                                          write_checkpoint)
+from homediff.training.checkpoint import Checkpoint, list_checkpoints, load_tensors, write_checkpoint
 from homediff.training.components import Builders, build_stream
 from homediff.training.config import to_toml
 from homediff.training.loop import Trainer
@@ -242,7 +241,7 @@ def test_a_resume_at_a_stage_boundary_starts_the_next_stage_afresh(assets, tmp_p
     whole = Trainer(config, tmp_path / "whole")
     whole.run()
     Trainer(config, tmp_path / "split", max_steps=3).run()
-    assert Checkpoint.load(latest_checkpoint(tmp_path / "split" / "checkpoints")).data is None
+    assert Checkpoint.load(list_checkpoints(tmp_path / "split" / "checkpoints")[-1]).data is None
     resumed = Trainer(config, tmp_path / "split", resume="latest")
     resumed.run()
     assert [loss for _, loss in resumed.progress.losses] == [loss for _, loss in whole.progress.losses]

@@ -123,11 +123,6 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
 def rng_state() -> dict:
     """Every global random state a training step may touch."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),

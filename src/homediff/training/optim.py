@@ -172,9 +172,8 @@ class EMA:
     """Exponential moving average of a model's trained parameters (those that require gradients:
     all of them, or only the adapters of a LoRA run), kept in float32 on the model's device: build
     it after the model has moved there. Buffers and frozen weights are the model's own. Built over
-    a model sharded by
-    FSDP, each process averages its own shards; ``state_dict`` and ``copy_to`` gather them, so
-    every process must call those.
+    a model sharded by FSDP, each process averages its own shards; ``state_dict`` gathers them, so
+    every process must call it.
 
     decay at update t = min(decay, (1 + t) / (10 + t)), so early averages follow the weights.
     """
@@ -193,10 +192,6 @@ class EMA:
         torch._foreach_lerp_([self.shadow[name] for name in self.parameter_names],
                              [state[name].float() for name in self.parameter_names], 1 - decay)
         self.updates += 1
-
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averages into ``model`` (cast to its dtypes); its other tensors stay."""
-        model.load_state_dict(self.state_dict()["shadow"], strict=False)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates,
