@@ -30,7 +30,7 @@ def test_a_camera_that_follows_the_position_map_is_recovered(faithful):
         assert edit["images"] == 4 and edit["recovered"] in (True, None), name
         for key in ("shift_error", "zoom_error"):
             if key in edit:
-                assert edit[key][0] < 0.03, (name, key)
+                assert edit[key][0] < 0.03 and edit[f"{key}_of_mean"] < 0.03, (name, key)
         assert edit["offset_px"][0] < 0.3, name
         assert edit["similarity"][0] > 0.98 and edit["similarity_requested"][0] > 0.98, name
         assert edit["baseline"][0] < edit["similarity"][0] - 0.2, name
@@ -57,6 +57,8 @@ def test_a_camera_blind_model_recovers_no_move():
         assert measured["recovered"] is False, edit.name
         error = measured.get("shift_error", measured.get("zoom_error"))
         assert error[0] == pytest.approx(1.0, abs=0.05) and error[0] > TOLERANCE
+        of_mean = measured.get("shift_error_of_mean", measured.get("zoom_error_of_mean"))
+        assert of_mean == pytest.approx(1.0, abs=0.05)
 
 
 def test_the_report_is_written(faithful):

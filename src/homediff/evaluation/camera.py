@@ -8,8 +8,9 @@ predicts each edited image. Per edit the report gives, as mean ± standard error
 seeds:
 
 - the measured camera and its error as a fraction of the requested move: ``|s − s_req| / |s_req|``
-  for shifts, ``|ln z − ln z_req| / |ln z_req|`` for zooms; for frames, which request no move, the
-  offset of the square view inside the frame in pixels;
+  for shifts, ``|ln z − ln z_req| / |ln z_req|`` for zooms, per image (the JSON also holds the
+  error of the mean camera, ``*_error_of_mean``); for frames, which request no move, the offset of
+  the square view inside the frame in pixels;
 - consistency: the correlation of the edited image with the aligned canonical view over their
   overlap, beside the same search between the canonical view of one seed and the edit of the next
   (the baseline: what any two images of that prompt share); and both at the requested camera.
@@ -115,6 +116,13 @@ def summarise(edit: Edit, records: list[dict], size: int) -> dict:
                 "offset_px", "shift_error", "zoom_error"):
         if key in records[0]:
             summary[key] = _mean_se([r[key] for r in records])
+    want = edit.camera
+    if want.x or want.y:  # the mean move against the request (per-image errors never cancel)
+        summary["shift_error_of_mean"] = math.hypot(summary["x"][0] - want.x, summary["y"][0] - want.y
+                                                    ) / math.hypot(want.x, want.y)
+    if want.zoom != 1:
+        summary["zoom_error_of_mean"] = abs(math.log(summary["zoom"][0] / want.zoom)
+                                            ) / abs(math.log(want.zoom))
     errors = [summary[k][0] for k in ("shift_error", "zoom_error") if k in summary]
     summary["recovered"] = all(e <= TOLERANCE for e in errors) if errors else None
     summary["records"] = records
