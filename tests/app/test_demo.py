@@ -5,11 +5,11 @@ import pytest
 from PIL import Image
 from train_helpers import square_folder, text_encoder_folder, tiny_config
 
-from homediff.app import demo
 from homediff.app.demo import fit_to_budget, recipe, run_demo, sample_sheet, train_for
 from homediff.errors import HomediffError
 from homediff.figures import labelled_grid
 from homediff.pipeline import HomeDiffPipeline
+from homediff.training import timing
 from homediff.training.checkpoint import list_checkpoints
 from homediff.training.config import load_config
 from homediff.training.loop import Trainer
@@ -30,7 +30,7 @@ def test_fit_to_budget_sets_the_stage_length(tmp_path, monkeypatch):
     config = tiny_config(square_folder(tmp_path / "sq"), text_encoder_folder(tmp_path / "te"),
                          optimizer={"warmup_steps": 50})
     ticks = itertools.count()
-    monkeypatch.setattr(demo, "time", SimpleNamespace(perf_counter=lambda: 0.05 * next(ticks)))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: 0.05 * next(ticks)))
     steps = fit_to_budget(config, minutes=0.1)
     assert config.stages[0].steps == steps == 120
     assert config.optimizer.warmup_steps == 12

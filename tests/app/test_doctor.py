@@ -11,7 +11,8 @@ from train_helpers import square_folder, text_encoder_folder, tiny_config
 from homediff import precision
 from homediff.app.cli import main
 from homediff.app.cli.doctor import lines
-from homediff.app.doctor import EXTRAS, _time_in_processes, remembered_precisions, time_steps
+from homediff.app.doctor import EXTRAS, _time_in_processes, remembered_precisions
+from homediff.training.timing import time_steps
 from homediff.precision import DTYPES
 
 

@@ -14,13 +14,11 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -35,6 +33,7 @@ from homediff.pipeline import HomeDiffPipeline
 from homediff.training.checkpoint import Checkpoint, list_checkpoints
 from homediff.training.config import TrainConfig, load_config, to_toml
 from homediff.training.loop import RUN_OUTPUTS, Trainer
+from homediff.training.timing import time_steps
 
 logger = logging.getLogger(__name__)
 
@@ -44,22 +43,10 @@ def recipe(name: str) -> Path:
     return Path(str(resources.files("homediff") / "recipes" / f"{name}.toml"))
 
 
-def probe_seconds_per_step(config: TrainConfig, steps: int = 6, warmup: int = 3) -> float:
-    """Seconds per optimiser step of ``config`` on this machine, from a short throw-away run."""
-    config = copy.deepcopy(config)
-    config.train.sample_prompts = []
-    stamps: list[float] = []
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, run_dir, max_steps=warmup + steps, checkpoint_every=10**9)
-        trainer.run(callback=lambda progress, batch: stamps.append(time.perf_counter()))
-    accum = config.stages[0].grad_accum
-    return (stamps[-1] - stamps[warmup * accum]) / (steps - 1)
-
-
 def fit_to_budget(config: TrainConfig, minutes: float) -> int:
     """A first estimate of the single stage's length for ``minutes`` (a time-budgeted trainer
     re-fits it), with the warm-up capped at a tenth of it; returns the steps."""
-    seconds = probe_seconds_per_step(config)
+    seconds = time_steps(config, steps=6, warmup=3)["seconds_per_step"]
     steps = max(20, int(minutes * 60 / seconds))
     config.stages[0].steps, config.stages[0].epochs = steps, 0.0
     config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)

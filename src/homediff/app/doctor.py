@@ -33,7 +33,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -172,6 +171,7 @@ def demo_estimate(minutes: float = 15.0, data: str | Path = "data/emoji", overri
     its trainer chose there. The emoji set at ``data`` is used, or built in a temporary folder."""
     from homediff.app.demo import default_processes, recipe
     from homediff.training.config import load_config
+    from homediff.training.timing import time_steps
 
     processes = processes or default_processes()
     with contextlib.ExitStack() as stack:
@@ -183,7 +183,6 @@ def demo_estimate(minutes: float = 15.0, data: str | Path = "data/emoji", overri
             build_emoji_dataset(data, size=64)
         config = load_config(recipe("tiny-emoji"),
                              [f"dataset.path={(data / 'train').resolve()}", *overrides])
-        config.train.sample_prompts = []
         if processes == 1:
             timed = time_steps(config, steps, warmup)
             threads = torch.get_num_threads()
@@ -194,24 +193,6 @@ def demo_estimate(minutes: float = 15.0, data: str | Path = "data/emoji", overri
             "seconds_per_step": round(seconds, 4), "steps": int(minutes * 60 / seconds),
             "timed_steps": steps, "warmup_steps": warmup, "overrides": list(overrides),
             "precision": timed["precision"]}
-
-
-def time_steps(config, steps: int, warmup: int) -> dict:
-    """Seconds per optimiser step of ``config`` over ``steps`` steps after ``warmup`` (a throw-away
-    run), and the precisions its trainer chose: ``{"seconds_per_step", "precision"}``."""
-    from homediff.training.loop import Trainer
-
-    stamps: list[float] = []
-    # the trainer's progress bar and announcements are for a person watching a run
-    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(io.StringIO()):
-        trainer = Trainer(config, run_dir, max_steps=warmup + steps, checkpoint_every=10**9)
-        trainer.run(callback=lambda progress, batch: stamps.append(time.perf_counter()))
-    accum = config.stages[0].grad_accum  # the callback sees every micro-batch
-    first = warmup * accum
-    chosen = trainer.precision
-    return {"seconds_per_step": (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first) * accum,
-            "precision": {"muon": chosen["muon"], "mixed_precision": chosen["autocast"] or "float32",
-                          "text_encoder": chosen["text"]}}
 
 
 def _time_in_processes(config, processes: int, steps: int, warmup: int) -> tuple[dict, int]:
@@ -255,6 +236,7 @@ def _guarded(measure) -> dict:
 def _worker(argv: list[str]) -> None:
     """One torchrun process of ``_time_in_processes``: rank 0 writes ``time_steps``' result."""
     from homediff.training.config import load_config
+    from homediff.training.timing import time_steps
 
     config_file, out, steps, warmup = argv
     timed = time_steps(load_config(config_file), int(steps), int(warmup))
