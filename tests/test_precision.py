@@ -246,6 +246,21 @@ def test_when_bfloat16_is_measured_slow_auto_picks_float32_everywhere(assets, tm
     assert len(checked) == 1
 
 
+def test_the_choices_are_made_without_a_trainer_as_a_run_makes_them(assets, tmp_path, monkeypatch):
+    """``choose_precisions(config, device)`` builds the parts itself and chooses what the trainer
+    of that config chooses, whichever way the measurements fall."""
+    from homediff.training.precisions import choose_precisions
+
+    config = auto_config(assets)
+    autocast_checked(monkeypatch, FAST)
+    for speed, name in ((SLOW, "slow"), (FAST, "fast")):
+        with measuring(speed):
+            alone = choose_precisions(config, torch.device("cpu"))
+            trainer = Trainer(config, tmp_path / name)
+        assert alone == trainer.precision, name
+    assert alone["autocast"] == "bfloat16" and alone["muon"] == "bfloat16"
+
+
 def test_trainer_records_its_choices_and_a_resume_reuses_them(assets, tmp_path, monkeypatch):
     """Chosen bfloat16 everywhere when the run began; resumed on the same machine where bfloat16 now
     measures slow, it keeps the checkpoint's choices (each one differs from what it would measure)."""

@@ -26,7 +26,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import importlib
-import io
 import json
 import os
 import platform
@@ -136,22 +135,18 @@ def cairo() -> dict:
 
 
 def auto_precisions() -> dict:
-    """The dtypes ``"auto"`` chooses on the device a trainer would use: the default text encoder's
-    (its default options), and Muon's and mixed precision's (float32: autocast off) for a trainer
-    built on the packaged ``tiny-emoji`` recipe (it times them while it is built)."""
+    """The dtypes ``"auto"`` chooses on the device a run would use: the default text encoder's
+    (its default options), and Muon's and mixed precision's (float32: autocast off) for the
+    packaged ``tiny-emoji`` recipe (measured here, as its run would measure them)."""
     from homediff.app.demo import recipe
     from homediff.encoders.text import DEFAULT_TEXT_ENCODER, TextEncoder
+    from homediff.precision import resolve_device
     from homediff.training.config import load_config
-    from homediff.training.loop import Trainer
+    from homediff.training.precisions import choose_precisions
 
-    config = load_config(recipe("tiny-emoji"))
-    config.train.sample_prompts = []
-    # the trainer announces its choices on stderr for a person watching a run; here they are data
-    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stderr(io.StringIO()):
-        trainer = Trainer(config, run_dir)
-        chosen, device = dict(trainer.precision), trainer.device
-        trainer.monitor.close()
-        text = TextEncoder.from_pretrained(DEFAULT_TEXT_ENCODER).to(device)
+    device = resolve_device(None)
+    chosen = choose_precisions(load_config(recipe("tiny-emoji")), device)
+    text = TextEncoder.from_pretrained(DEFAULT_TEXT_ENCODER).to(device)
     return {"device": device.type, "text_encoder": str(text.model.dtype).removeprefix("torch."),
             "muon": chosen["muon"], "mixed_precision": chosen["autocast"] or "float32"}
 

@@ -128,8 +128,8 @@ class Trainer:
         if saved:
             self._refuse_incompatible(saved, resume_path, model)
             fitted = self._fit_to_processes(saved, resume_path)
-        self.precision = choose_precisions(config, model, self.text_encoder, self.autoencoder.channels,
-                                           self.autoencoder.factor, self.device,
+        self.precision = choose_precisions(config, self.device,
+                                           (model, self.text_encoder, self.autoencoder),
                                            saved.precision if saved else None, agree=self._mean)
         self.fsdp = sharding.requested()
         if self.fsdp:

@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 
 from homediff import precision
-from homediff.encoders.text import TextEncoder
 from homediff.training.config import TrainConfig
 from homediff.training.objective import LossSettings, flow_matching_loss
 from homediff.training.optim import is_hidden_matrix
@@ -54,12 +53,23 @@ def launched_precision() -> str | None:
     return value if value in ("bf16", "fp16") else None
 
 
-def choose_precisions(config: TrainConfig, model: torch.nn.Module, text_encoder: TextEncoder,
-                      latent_channels: int, latent_factor: int, device: torch.device,
-                      saved: dict | None, agree: Callable[[float], float] = float) -> dict:
+def choose_precisions(config: TrainConfig, device: torch.device, parts: tuple | None = None,
+                      saved: dict | None = None, agree: Callable[[float], float] = float) -> dict:
     """``{"machine", "autocast", "muon", "text"}``: the machine they were chosen on, the dtype
-    names of CPU autocast (None: off), Muon's iteration and the text encoder. ``agree`` averages a
-    measurement over processes so that every process chooses alike."""
+    names of CPU autocast (None: off), Muon's iteration and the text encoder. ``parts``: the
+    (model, text encoder, autoencoder) a run built, else they are built here as a run with the
+    default builders would build them, so no trainer is needed. ``saved``: a checkpoint's choices,
+    reused on the same machine. ``agree`` averages a measurement over processes so that every
+    process chooses alike."""
+    if parts is None:
+        from homediff.training.components import Builders
+
+        build = Builders()
+        text_encoder = build.text_encoder(config, device)
+        autoencoder = build.autoencoder(config, device)
+        parts = (build.model(config, text_encoder, autoencoder, device), text_encoder, autoencoder)
+    model, text_encoder, autoencoder = parts
+    latent_channels, latent_factor = autoencoder.channels, autoencoder.factor
     machine = precision.machine_key(device)
     reuse = saved if saved and saved.get("machine") == machine else {}
     autocast = {"no": None, "bf16": "bfloat16", "fp16": "float16"}.get(accelerator_precision(config))
