@@ -21,7 +21,7 @@ LAYERS = [
     ["precision", "geometry", "figures", "exports", "extras", "hub"],
     ["data", "models", "diffusion", "encoders"],
     ["datasets"],
-    ["pipeline"],
+    ["pipeline", "generation"],
     ["training", "evaluation", "diffusers_pipeline"],
     ["planning"],
     ["app"],

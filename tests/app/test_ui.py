@@ -18,8 +18,8 @@ from PIL import Image
 from tiny_components import tiny_pipeline_folder
 
 from homediff.app.cli import main
-from homediff.app.cli.generate import sample
 from homediff.app.ui import serve
+from homediff.generation import GenerationRequest, sample
 from homediff.pipeline import HomeDiffPipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -88,11 +88,9 @@ def test_a_prompt_with_camera_control_gives_the_pipelines_image(page, model_dir,
     page.screenshot(path=screenshot, full_page=True)
 
     pipe = HomeDiffPipeline.from_pretrained(model_dir)
-    request = argparse.Namespace(prompt="a red cat", negative="", steps=2, cfg=3.0, seed=7, width=16,
-                                 height=16, num=1, sampler="euler", tread_gamma=(0.0, 0.0), zoom=1.5,
-                                 x_shift=0.2, y_shift=0.0, shift=1.0, lora=[], model=model_dir,
-                                 prompts=["a red cat"])
-    expected = sample(pipe, request, 7)[0][0]
+    request = GenerationRequest(["a red cat"], seed=7, steps=2, cfg=3.0, width=16, height=16,
+                                zoom=1.5, x_shift=0.2, model=str(model_dir))
+    expected = sample(pipe, request)[0][0]
     assert shown.size == expected.size and shown.tobytes() == expected.tobytes()
 
     command = page.locator("#command textarea").first.input_value()
@@ -118,17 +116,17 @@ def test_the_command_line_box_and_the_limits_without_a_browser(model_dir, caplog
     from homediff.app.ui import Limits, Studio, preset_size
 
     pipe = HomeDiffPipeline.from_pretrained(model_dir)
-    args = argparse.Namespace(model=model_dir, lora=[], dtype="float32", device=None, text_encoder=None,
-                              vae=None, arch=None)
-    studio = Studio(pipe, args, Limits(pixels=16 * 16, steps=4, images=1), Path("/nonexistent"))
+    loading = dict(model=model_dir, lora=[], dtype="float32", device=None, text_encoder=None, vae=None,
+                   arch=None)
+    studio = Studio(pipe, loading, Limits(pixels=16 * 16, steps=4, images=1), Path("/nonexistent"))
     values = ["a cat", "", 9, 3.0, 1, 16, 16, 1, "euler", 0.0, 0.25, 1.0, 0.0, -0.5]
     assert studio.request(*values) == ([], "", "**Not generated:** steps must be 1 to 4 (homediff ui --max-steps)")
     values[2], values[5] = 2, 32
     assert "over the limit of 256 pixels" in studio.request(*values)[2]
-    request = argparse.Namespace(**vars(args), prompt="a cat", negative="blurry", steps=2, cfg=3.0, seed=1,
-                                 width=16, height=16, num=1, sampler="heun", tread_gamma=(0.0, 0.25),
-                                 zoom=1.0, x_shift=0.0, y_shift=-0.5)
-    words = shlex.split(studio.command(request))
+    request = studio.request_of(dict(prompt="a cat", negative="blurry", steps=2, cfg=3.0, seed=1, width=16,
+                                     height=16, num=1, sampler="heun", tread_gamma=(0.0, 0.25), zoom=1.0,
+                                     x_shift=0.0, y_shift=-0.5), [])
+    words = shlex.split(request.to_command(loading=studio.loading))
     assert words[words.index("--tread-gamma") + 1:words.index("--tread-gamma") + 3] == ["0", "0.25"]
     assert words[words.index("--y-shift") + 1] == "-0.5" and "--zoom" not in words
     assert words[words.index("--negative") + 1] == "blurry" and words[words.index("--sampler") + 1] == "heun"
@@ -172,8 +170,8 @@ def test_dtype_is_the_transformers_precision_and_in_the_command(model_dir, monke
         ui.serve(build_parser().parse_args(["ui", "--model", str(model_dir), "--dtype", dtype]))
     [studio] = studios
     assert next(studio.pipe.transformer.parameters()).dtype == expected
-    request = argparse.Namespace(**vars(studio.args), prompt="a cat", negative="", steps=2, cfg=3.0, seed=1,
-                                 width=16, height=16, num=1, sampler="euler", tread_gamma=(0.0, 0.0),
-                                 zoom=1.0, x_shift=0.0, y_shift=0.0)
-    words = shlex.split(studio.command(request))
+    request = studio.request_of(dict(prompt="a cat", negative="", steps=2, cfg=3.0, seed=1, width=16,
+                                     height=16, num=1, sampler="euler", tread_gamma=(0.0, 0.0), zoom=1.0,
+                                     x_shift=0.0, y_shift=0.0), [])
+    words = shlex.split(request.to_command(loading=studio.loading))
     assert words[words.index("--dtype") + 1] == dtype

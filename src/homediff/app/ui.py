@@ -14,19 +14,20 @@ import argparse
 import ipaddress
 import logging
 import secrets
-import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from homediff.app.cli.generate import save_png, sample
 from homediff.extras import require
+from homediff.generation import GenerationRequest, sample, save_png
 
 logger = logging.getLogger(__name__)
 
 ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3),
            "16:9": (16, 9), "9:16": (9, 16), "2:1": (2, 1), "1:2": (1, 2)}
 PREVIEW_STEPS = 4
+#: The options a page's model was loaded with, as ``homediff ui`` takes them (``Studio.loading``).
+LOADING = ("model", "lora", "dtype", "device", "text_encoder", "vae", "arch")
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,11 @@ def preset_size(aspect: str, side: int, multiple: int) -> tuple[int, int]:
 
 
 class Studio:
-    """The app's state: one pipeline, the arguments it was loaded with, the limits, and a folder
-    for the images it serves."""
+    """The app's state: one pipeline, the options it was loaded with (``loading``, a dict keyed by
+    ``LOADING``), the limits, and a folder for the images it serves."""
 
-    def __init__(self, pipe, args: argparse.Namespace, limits: Limits, out: Path):
-        self.pipe, self.args, self.limits, self.out = pipe, args, limits, out
+    def __init__(self, pipe, loading: dict, limits: Limits, out: Path):
+        self.pipe, self.loading, self.limits, self.out = pipe, dict(loading), limits, out
         self.adapters = list(pipe.lora_scales)
         self.count = 0
 
@@ -67,12 +68,11 @@ class Studio:
             return [], "", f"**Not generated:** {problem}"
         if preview:
             values["steps"] = min(values["steps"], PREVIEW_STEPS)
-        request = argparse.Namespace(**{**vars(self.args), **values, "shift": 1.0, "prompts": [prompt],
-                                        "lora": self.lora_of(scales)})
+        request = self.request_of(values, scales)
         try:
             if self.adapters:
                 self.pipe.set_adapters(self.adapters, list(map(float, scales)))
-            images, records = sample(self.pipe, request, values["seed"])
+            images, records = sample(self.pipe, request)
         except HomediffError as err:
             return [], "", f"**Not generated:** {err}"
         paths = []
@@ -81,7 +81,14 @@ class Studio:
             path = self.out / f"{self.count:05d}.png"
             save_png(image, path, record)
             paths.append(str(path))
-        return paths, self.command(request), f"seed {values['seed']}, {len(paths)} image(s)"
+        message = f"seed {values['seed']}, {len(paths)} image(s)"
+        return paths, request.to_command(loading=self.loading), message
+
+    def request_of(self, values: dict, scales) -> GenerationRequest:
+        """The request of the form's values (as ``request`` converts them) and adapter scales."""
+        values = dict(values)
+        return GenerationRequest(prompts=[values.pop("prompt")], **values, lora=self.lora_of(scales),
+                                 dtype=self.loading["dtype"], model=str(self.loading["model"]))
 
     def check(self, values: dict) -> str | None:
         limits = self.limits
@@ -95,29 +102,8 @@ class Studio:
         return None
 
     def lora_of(self, scales) -> list:
-        files = {name: path for name, (path, _) in zip(self.adapters, self.args.lora)}
+        files = {name: path for name, (path, _) in zip(self.adapters, self.loading["lora"])}
         return [(files[name], float(scale)) for name, scale in zip(self.adapters, scales)]
-
-    def command(self, request: argparse.Namespace) -> str:
-        """The ``homediff generate`` command that makes the same images."""
-        words = ["homediff", "generate", request.prompt, "--model", str(request.model), "--out", "out.png",
-                 "--seed", str(request.seed), "--steps", str(request.steps), "--cfg", f"{request.cfg:g}",
-                 "--width", str(request.width), "--height", str(request.height), "--num", str(request.num),
-                 "--sampler", request.sampler, "--dtype", request.dtype]
-        if request.negative:
-            words += ["--negative", request.negative]
-        if any(request.tread_gamma):
-            words += ["--tread-gamma", *(f"{g:g}" for g in request.tread_gamma)]
-        for flag, value, default in (("--zoom", request.zoom, 1.0), ("--x-shift", request.x_shift, 0.0),
-                                     ("--y-shift", request.y_shift, 0.0)):
-            if value != default:
-                words += [flag, f"{value:g}"]
-        for option in ("text_encoder", "vae", "arch", "device"):
-            if getattr(request, option, None):
-                words += [f"--{option.replace('_', '-')}", str(getattr(request, option))]
-        for path, scale in request.lora:
-            words += ["--lora", f"{path}:{scale:g}"]
-        return shlex.join(words)
 
 
 def build_app(studio: Studio):
@@ -126,7 +112,7 @@ def build_app(studio: Studio):
     pipe, limits = studio.pipe, studio.limits
     side, multiple = pipe.sample_size, pipe.size_multiple
     with gr.Blocks(title="homediff") as app:
-        gr.Markdown(f"## homediff · {studio.args.model}")
+        gr.Markdown(f"## homediff · {studio.loading['model']}")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
@@ -192,7 +178,8 @@ def serve(args: argparse.Namespace):
                        "default 127.0.0.1 serves only this machine", args.host)
     limits = Limits(args.max_pixels, args.max_steps, args.max_images)
     out = Path(tempfile.mkdtemp(prefix="homediff-ui-"))
-    app = build_app(Studio(load_pipeline(args), args, limits, out))
+    loading = {name: getattr(args, name) for name in LOADING}
+    app = build_app(Studio(load_pipeline(args), loading, limits, out))
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out)],
                prevent_thread_lock=args.background)

@@ -69,7 +69,7 @@ def a1111_parse(text: str) -> dict:
 
 def test_the_parameters_text_reads_back_with_a1111s_parser():
     """Every key homediff writes comes back whole, commas, colons and quotes included."""
-    from homediff.app.cli.generate import parameters_text
+    from homediff.generation import parameters_text
 
     record = {"prompt": 'a cat, "sitting": on a mat', "negative_prompt": "blurry, dark",
               "num_inference_steps": 24, "sampler": "euler", "guidance_scale": 3.5, "seed": 7,
