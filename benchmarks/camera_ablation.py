@@ -62,23 +62,23 @@ def summary(camera: dict, fidelity: dict) -> dict:
         "seen_top5": fidelity["seen"]["topk"][4], "heldout_top5": fidelity["heldout"]["topk"][4]}
 
 
-COLUMNS = [("shift_error", "shift error", 100, "%"), ("zoom_error", "zoom error", 100, "%"),
-           ("recovered", "recovered (of 10)", 1, ""), ("consistency_gain", "consistency gain", 1, ""),
-           ("frame_offset_px", "frame offset (px)", 1, ""), ("seen_top5", "seen top-5", 100, "%"),
-           ("heldout_top5", "held-out top-5", 100, "%")]
+COLUMNS = [("shift_error", "shift error", 100, ".0f", "%"), ("zoom_error", "zoom error", 100, ".0f", "%"),
+           ("recovered", "recovered (of 10)", 1, ".0f", ""),
+           ("consistency_gain", "consistency gain", 1, ".2f", ""),
+           ("frame_offset_px", "frame offset (px)", 1, ".1f", ""),
+           ("seen_top5", "seen top-5", 100, ".0f", "%"), ("heldout_top5", "held-out top-5", 100, ".0f", "%")]
 
 
 def table(rows: dict[str, list[dict]]) -> str:
     """Mean over seeds, with each seed's value in brackets."""
-    lines = ["| crop | " + " | ".join(title for _, title, _, _ in COLUMNS) + " |",
+    lines = ["| crop | " + " | ".join(title for _, title, _, _, _ in COLUMNS) + " |",
              "|---|" + "---:|" * len(COLUMNS)]
     for crop, runs in rows.items():
         cells = []
-        for key, _, scale, unit in COLUMNS:
+        for key, _, scale, spec, unit in COLUMNS:
             values = [scale * r[key] for r in runs]
-            each = " / ".join(f"{v:.2f}" if scale == 1 and unit == "" else f"{v:.0f}"
-                              for v in values)
-            cells.append(f"{statistics.fmean(values):.2f}{unit} ({each})")
+            each = " / ".join(f"{v:{spec}}" for v in values)
+            cells.append(f"{statistics.fmean(values):{spec}}{unit} ({each})")
         lines.append(f"| {crop} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
