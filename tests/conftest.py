@@ -34,6 +34,12 @@ def one_thread():
 
 
 @pytest.fixture
+def index_cache(tmp_path, monkeypatch):
+    """Keep folder-index caches inside the test's temporary folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture
 def shape_scenes():
     """scenes(count, seed): (spec, objects) of random shapes scenes, one in five from the held-out
     pairs."""

@@ -1,19 +1,9 @@
 import pytest
-import torch
 
 pytest.importorskip("PIL.Image", reason="the data tests need Pillow: pip install 'homediff[data]'")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Data code runs in single-threaded loader workers; so do these tests (faster on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def index_cache(tmp_path, monkeypatch):
-    """Keep folder-index caches inside the test's temporary folder."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def data_test_defaults(one_thread, index_cache):
+    """One thread (as the data code runs in loader workers) and the index cache in the test's
+    folder, for every test here."""
