@@ -192,7 +192,7 @@ def tiny_emoji(device: torch.device, sizes: Sizes, data: Path | None) -> Row:
     w = sizes.emoji_warmup
     rate = (len(stamps) - 1 - w) / (stamps[-1] - stamps[w])
     setting = (f"{steps} steps, batch {config.stages[0].batch_size}, "
-               f"autocast {trainer.precision['autocast'] or 'off'}, data: {data_name}")
+               f"autocast {trainer.precision.autocast or 'off'}, data: {data_name}")
     finite = skipped == 0 and all(math.isfinite(v) for v in losses)
     window = sizes.loss_window
     if len(losses) >= 2 * window:

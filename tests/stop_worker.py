@@ -29,6 +29,6 @@ def loss(batch, parts, settings, generator):
 
 
 trainer = Trainer(config, out / "run", builders=Builders(loss=loss))
-record = {"returned": trainer.run(), "step": trainer.progress.step, "signal": trainer._stop_signal}
+record = {"returned": trainer.run(), "step": trainer.progress.step, "signal": trainer.signals.received}
 (out / f"rank{trainer.rank}.json").write_text(json.dumps(record))
 end_processes()

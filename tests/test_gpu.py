@@ -45,7 +45,7 @@ def test_training_steps_on_cuda_keep_every_tensor_there(tmp_path, mixed, optimiz
     assert trainer.device.type == "cuda"
     assert trainer.progress.step == 4
     assert all(math.isfinite(loss) for _, loss in trainer.progress.losses)
-    assert trainer.precision["autocast"] == {"bf16": "bfloat16", "fp16": "float16"}[mixed]
+    assert trainer.precision.autocast == {"bf16": "bfloat16", "fp16": "float16"}[mixed]
     if mixed == "fp16":  # loss scaling
         scaler = trainer.accelerator.scaler
         assert scaler is not None and 0 < scaler.get_scale() < math.inf

@@ -233,15 +233,15 @@ def test_when_bfloat16_is_measured_slow_auto_picks_float32_everywhere(assets, tm
         trainer = Trainer(config, tmp_path / "slow")
         pipe = HomeDiffPipeline.from_pretrained(folder)
         sampling = pipe.sampling_dtype("auto")
-    assert {k: trainer.precision[k] for k in ("autocast", "muon", "text")} == {
-        "autocast": None, "muon": "float32", "text": "float32"}
+    assert (trainer.precision.autocast, trainer.precision.muon, trainer.precision.text) == (
+        None, "float32", "float32")
     assert trainer.text_encoder.model.dtype == torch.float32 and sampling == torch.float32
     assert checked == [] and not user_cache.exists()
     with measuring(FAST):
         trainer = Trainer(config, tmp_path / "fast")
         sampling = HomeDiffPipeline.from_pretrained(folder).sampling_dtype("auto")
-    assert {k: trainer.precision[k] for k in ("autocast", "muon", "text")} == {
-        "autocast": "bfloat16", "muon": "bfloat16", "text": "bfloat16"}
+    assert (trainer.precision.autocast, trainer.precision.muon, trainer.precision.text) == (
+        "bfloat16", "bfloat16", "bfloat16")
     assert trainer.text_encoder.model.dtype == torch.bfloat16 and sampling == torch.bfloat16
     assert len(checked) == 1
 
@@ -258,7 +258,7 @@ def test_the_choices_are_made_without_a_trainer_as_a_run_makes_them(assets, tmp_
             alone = choose_precisions(config, torch.device("cpu"))
             trainer = Trainer(config, tmp_path / name)
         assert alone == trainer.precision, name
-    assert alone["autocast"] == "bfloat16" and alone["muon"] == "bfloat16"
+    assert alone.autocast == "bfloat16" and alone.muon == "bfloat16"
 
 
 def test_trainer_records_its_choices_and_a_resume_reuses_them(assets, tmp_path, monkeypatch):
@@ -271,7 +271,7 @@ def test_trainer_records_its_choices_and_a_resume_reuses_them(assets, tmp_path, 
         first = Trainer(config, tmp_path, max_steps=2, builders=Builders(
             optimizer=lambda *args: built.append(build_optimizer(*args)) or built[-1]))
     chosen = first.precision
-    assert (chosen["autocast"], chosen["muon"], chosen["text"]) == ("bfloat16",) * 3
+    assert (chosen.autocast, chosen.muon, chosen.text) == ("bfloat16",) * 3
     assert first.text_encoder.model.dtype == torch.bfloat16
     first.run()
     assert built[0].ns_dtype == torch.bfloat16
@@ -291,8 +291,8 @@ def test_a_resume_on_another_machine_measures_again(assets, tmp_path, monkeypatc
     monkeypatch.setattr(precision, "machine_key", lambda device: "cpu:another")
     with measuring(SLOW):
         resumed = Trainer(config, tmp_path, resume="latest")
-    assert resumed.precision["machine"] == "cpu:another"
-    assert (resumed.precision["autocast"], resumed.precision["muon"], resumed.precision["text"]) == (
+    assert resumed.precision.machine == "cpu:another"
+    assert (resumed.precision.autocast, resumed.precision.muon, resumed.precision.text) == (
         None, "float32", "float32")
 
 

@@ -41,6 +41,7 @@ from homediff.errors import CheckpointError, ConfigError
 from homediff.geometry import camera as camera_edit
 from homediff.geometry import canonical_grid
 from homediff.models import XUT, XUTConfig, load_hdm_state_dict, lora
+from homediff.models.backbone_file import is_backbone_file, load_backbone_file
 from homediff.models.release import arch_config, read_state_dict
 from homediff.precision import choose_matmul_dtype
 
@@ -431,6 +432,21 @@ class HomeDiffPipeline:
         return pipe.to(device=device, dtype=dtype or torch_dtype)
 
     @classmethod
+    def from_backbone_file(cls, path: str | Path, pipeline: str | Path | None = None) -> "HomeDiffPipeline":
+        """A run's single file (``RUN/model.safetensors``: the backbone and its config, see
+        ``models.backbone_file``) with the text encoder and autoencoder of ``pipeline``, by default
+        the pipeline folder the run wrote beside it (``RUN/model``)."""
+        path = Path(path)
+        folder = Path(pipeline) if pipeline else path.parent / "model"
+        if not is_pipeline_folder(folder):
+            raise CheckpointError(f"{path}: a homediff run's single file holds the backbone alone; its "
+                                  f"text encoder and autoencoder come from a pipeline folder, and "
+                                  f"{folder} is none: load that run's model/ folder, or name one")
+        beside = cls.from_pretrained(folder)
+        return cls(load_backbone_file(path), beside.text_encoder, beside.vae,
+                   sample_size=beside.sample_size)
+
+    @classmethod
     def from_hdm_release(cls, checkpoint: str | Path, text_encoder: str = RELEASE_TEXT_ENCODER,
                          vae: str | None = None, *, arch=None, text_encoder_options: dict | None = None,
                          sample_size: int = 1024) -> "HomeDiffPipeline":
@@ -459,6 +475,9 @@ class HomeDiffPipeline:
                 raise CheckpointError(f"{checkpoint}: {len(files)} .safetensors files in the folder: "
                                       "name the one to load (a path, or owner/repo/FILE)")
             source = files[0]
+        if is_backbone_file(source):
+            raise CheckpointError(f"{source}: a homediff run's single file, not a released HDM file: "
+                                  "load it with HomeDiffPipeline.from_backbone_file")
         beside = source.with_suffix(".json")
         if arch is None and beside.is_file():
             arch = beside

@@ -32,7 +32,8 @@ from homediff.figures import labelled_grid
 from homediff.pipeline import HomeDiffPipeline
 from homediff.training.checkpoint import Checkpoint, list_checkpoints
 from homediff.training.config import TrainConfig, load_config, to_toml
-from homediff.training.loop import RUN_OUTPUTS, Trainer
+from homediff.training.loop import Trainer
+from homediff.training.run_folder import RUN_OUTPUTS
 from homediff.training.timing import time_steps
 
 logger = logging.getLogger(__name__)

@@ -148,7 +148,7 @@ def auto_precisions() -> dict:
     chosen = choose_precisions(load_config(recipe("tiny-emoji")), device)
     text = TextEncoder.from_pretrained(DEFAULT_TEXT_ENCODER).to(device)
     return {"device": device.type, "text_encoder": str(text.model.dtype).removeprefix("torch."),
-            "muon": chosen["muon"], "mixed_precision": chosen["autocast"] or "float32"}
+            "muon": chosen.muon, "mixed_precision": chosen.autocast or "float32"}
 
 
 def remembered_precisions() -> dict:

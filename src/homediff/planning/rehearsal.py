@@ -259,9 +259,9 @@ def rehearse_stage(config: TrainConfig, index: int, steps: int, micro_batch: int
     load_seconds = time.perf_counter() - start
     samples = stage.batch_size * stage.grad_accum
     estimate = estimate_memory(one, 0, micro_batch=micro_batch, device=device.type,
-                               precisions=trainer.precision)
+                               precisions=dataclasses.asdict(trainer.precision))
     return {"micro_batch": micro_batch, "grad_accum": stage.grad_accum, "steps": steps,
-            "device": str(device), "precision": trainer.precision, "changes": changes,
+            "device": str(device), "precision": dataclasses.asdict(trainer.precision), "changes": changes,
             "measured": {
                 "seconds_per_sample": ((stamps[-1] - stamps[0]) / ((len(stamps) - 1) * samples)
                                        if len(stamps) > 1 else None),

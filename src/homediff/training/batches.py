@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Callable, Iterator
 
 from homediff.data import FolderDataset, ShardDataset, ShardProgress, make_loader
 from homediff.data.folder import missing_captions
@@ -84,3 +85,33 @@ class BatchStream:
         if self.kind == "shards" and state:
             self.dataset.load_state_dict(state)
             self.shard_progress.positions.update(state["positions"])
+
+
+def step_batches(stream: BatchStream, progress, accumulate: int, processes: int, waiting,
+                 seen: Callable[[dict], None]) -> Iterator[list[dict]]:
+    """The micro-batches of each optimiser step, epoch after epoch from ``progress``'s position,
+    which moves on in samples of all ``processes`` together (a resume in another number of them
+    deals on from there). ``waiting(between_steps)`` wraps every wait for a batch (a stop signal
+    may end one between steps at once); ``seen`` sees every batch as it arrives."""
+    group, taken = [], stream.batch_size * processes
+    folder_size = len(stream.dataset) if stream.kind == "folder" else None
+    while True:
+        epoch, start, count = progress.epoch, progress.samples, 0
+        batches = stream.epoch(epoch, start)
+        while True:
+            with waiting(not group):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            seen(batch)
+            progress.advance(taken, folder_size)
+            count += 1
+            group.append(batch)
+            if len(group) == accumulate:
+                yield group
+                group = []
+        if not count and not start:
+            raise ConfigError(f"{stream.section.path}: an epoch gave no batch (fewer usable images "
+                              "than the batch size?)")
+        if progress.epoch == epoch:  # the epoch's rest, too few for a batch, is left out
+            progress.epoch, progress.samples = epoch + 1, 0

@@ -1,8 +1,8 @@
 """The parts of a training run, and the functions that build each one from the config.
 
-``Builders`` holds one function per part (text encoder, autoencoder, backbone, EMA, optimiser, batch
-stream, monitor) and the loss; the Trainer makes its parts by calling the ones it is given, by
-default the functions below. Tests hand in recording monitors, models or losses; the planning
+``Builders`` holds one function per part (accelerator, text encoder, autoencoder, backbone, EMA,
+optimiser, batch stream, monitor) and the loss; the Trainer makes its parts by calling the ones it
+is given, by default the functions below. Tests hand in recording monitors, models or losses; the planning
 rehearsal hands in stand-in encoders and a random batch stream. A fine-tune uses the default
 builders: ``[init] from`` makes them load saved weights (``training.init``) and ``[lora]`` adds
 adapters to the backbone. ``Components`` is what the loss reads at each step.
@@ -23,6 +23,7 @@ from homediff.encoders.text import TextEncoder
 from homediff.models import XUT, XUTConfig, lora
 from homediff.training.batches import BatchStream
 from homediff.training.config import StageConfig, TrainConfig
+from homediff.training.infrastructure import build_accelerator
 from homediff.training.init import init_autoencoder, init_text_encoder, load_backbone
 from homediff.training.monitor import Monitor
 from homediff.training.objective import training_loss
@@ -111,6 +112,7 @@ def build_monitor(config: TrainConfig, run_dir: Path, enabled: bool) -> Monitor:
 
 @dataclass(frozen=True)
 class Builders:
+    accelerator: Callable[[TrainConfig], object] = build_accelerator
     text_encoder: Callable[[TrainConfig, torch.device], TextEncoder] = build_text_encoder
     autoencoder: Callable[[TrainConfig, torch.device], nn.Module] = build_autoencoder
     model: Callable[[TrainConfig, TextEncoder, nn.Module, torch.device], nn.Module] = build_model

@@ -25,6 +25,7 @@ from homediff import hub
 from homediff.encoders.autoencoders import Autoencoder, load_autoencoder
 from homediff.encoders.text import TextEncoder
 from homediff.models import XUT, load_hdm_state_dict
+from homediff.models.backbone_file import is_backbone_file
 from homediff.models.release import read_state_dict
 from homediff.pipeline import HomeDiffPipeline, is_pipeline_folder
 from homediff.training.config import TrainConfig
@@ -38,12 +39,8 @@ def init_source(config: TrainConfig) -> tuple[str, Path] | None:
     path = hub.resolve(config.init.from_, "init.from")
     if is_pipeline_folder(path):
         return "folder", path
-    if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as file:
-            if "homediff_config" in (file.metadata() or {}):
-                return "single", path
+    if is_backbone_file(path):
+        return "single", path
     return "release", path
 
 

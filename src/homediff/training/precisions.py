@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -25,6 +26,20 @@ from homediff.training.objective import LossSettings, flow_matching_loss
 from homediff.training.optim import is_hidden_matrix
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Precisions:
+    """The dtypes a run computes in, by name, and the machine they were chosen on; a checkpoint
+    keeps them (``RunState``) so that a resume on that machine continues with the same numerics."""
+
+    machine: str
+    autocast: str | None  # autocast's dtype; None: off (float32)
+    muon: str | None  # Muon's Newton-Schulz iteration; None without Muon
+    text: str  # the text encoder's
+
+    def describe(self) -> str:
+        return f"autocast {self.autocast or 'off'}, Muon {self.muon or '-'}, text encoder {self.text}"
 
 
 def accelerator_precision(config: TrainConfig) -> str:
@@ -54,12 +69,12 @@ def launched_precision() -> str | None:
 
 
 def choose_precisions(config: TrainConfig, device: torch.device, parts: tuple | None = None,
-                      saved: dict | None = None, agree: Callable[[float], float] = float) -> dict:
-    """``{"machine", "autocast", "muon", "text"}``: the machine they were chosen on, the dtype
-    names of CPU autocast (None: off), Muon's iteration and the text encoder. ``parts``: the
+                      saved: dict | None = None, agree: Callable[[float], float] = float) -> Precisions:
+    """The run's ``Precisions``: the dtype names of CPU autocast (None: off), Muon's iteration
+    and the text encoder, and the machine they were chosen on. ``parts``: the
     (model, text encoder, autoencoder) a run built, else they are built here as a run with the
     default builders would build them, so no trainer is needed. ``saved``: a checkpoint's choices,
-    reused on the same machine. ``agree`` averages a measurement over processes so that every
+    reused on the same machine (as saved: a dict, whose keys older checkpoints may lack). ``agree`` averages a measurement over processes so that every
     process chooses alike."""
     if parts is None:
         from homediff.training.components import Builders
@@ -90,7 +105,7 @@ def choose_precisions(config: TrainConfig, device: torch.device, parts: tuple | 
     if config.text_encoder.options.dtype == "auto" and "text" in reuse:
         text = reuse["text"]
         text_encoder.to(dtype=precision.DTYPES[text])
-    return {"machine": machine, "autocast": autocast, "muon": muon, "text": text}
+    return Precisions(machine, autocast, muon, text)
 
 
 def _choose_autocast(config: TrainConfig, model: torch.nn.Module, text_dim: int, channels: int,

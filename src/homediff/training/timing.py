@@ -33,5 +33,5 @@ def time_steps(config: TrainConfig, steps: int, warmup: int) -> dict:
     first = warmup * accum
     chosen = trainer.precision
     return {"seconds_per_step": (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first) * accum,
-            "precision": {"muon": chosen["muon"], "mixed_precision": chosen["autocast"] or "float32",
-                          "text_encoder": chosen["text"]}}
+            "precision": {"muon": chosen.muon, "mixed_precision": chosen.autocast or "float32",
+                          "text_encoder": chosen.text}}

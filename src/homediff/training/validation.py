@@ -28,6 +28,18 @@ from homediff.training.objective import LossSettings, training_loss
 VAL_SEED = 20_250_101
 
 
+def stage_held_out(config, stage, stream, say, weights: str) -> list[dict] | None:
+    """A stage's validation batches when ``dataset.val_path`` names a folder (None otherwise),
+    with a line through ``say`` on what will be scored (``weights``: "EMA" or "trained")."""
+    section = config.dataset
+    if not section.val_path:
+        return None
+    held = held_out_batches(section, stage.resolution, stage.batch_size, stream)
+    say(f"held-out loss of the {weights} weights every {config.train.val_every} steps on "
+        f"{sum(len(b['key']) for b in held)} images of {section.val_path}")
+    return held
+
+
 def held_out_batches(section: DatasetSection, resolution: int, batch_size: int,
                      training=None) -> list[dict]:
     """The validation batches of ``section.val_path`` at ``resolution`` (see the module's

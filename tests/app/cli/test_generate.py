@@ -7,6 +7,7 @@ import torch
 from tiny_components import hdm_release, tiny_pipeline_folder
 
 from homediff.app.cli import main
+from homediff.errors import CheckpointError
 from homediff.pipeline import HomeDiffPipeline
 
 Image = pytest.importorskip("PIL.Image")
@@ -158,6 +159,35 @@ def test_released_checkpoint_file(tmp_path, capsys):
                  "--text-encoder", str(files.text_encoder), "--vae", str(files.vae_config),
                  "--arch", str(files.arch), "--width", "32", "--height", "24", "--steps", "1"]) == 0
     assert Image.open(out).size == (32, 24)
+
+
+def test_a_runs_single_file_draws_with_the_encoders_of_the_folder_beside_it(tmp_path, capsys):
+    """``--model RUN/model.safetensors`` is the file's backbone with ``RUN/model``'s text encoder and
+    autoencoder: the same pixels as a pipeline folder of that backbone and those encoders."""
+    from tiny_components import tiny_xut
+
+    from homediff.models.backbone_file import save_backbone_file
+
+    run = tiny_pipeline_folder(tmp_path / "run").parent
+    backbone = tiny_xut(seed=5)  # other weights than the folder's, so that the file must be read
+    save_backbone_file(run / "model.safetensors", backbone)
+    beside = HomeDiffPipeline.from_pretrained(run / "model")
+    HomeDiffPipeline(backbone, beside.text_encoder, beside.vae,
+                     sample_size=beside.sample_size).save_pretrained(tmp_path / "same")
+    assert generate(run / "model.safetensors", tmp_path / "file.png") == 0
+    assert generate(tmp_path / "same", tmp_path / "folder.png") == 0
+    assert generate(run / "model", tmp_path / "run.png") == 0
+    pixels = {name: np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("file", "folder", "run")}
+    assert np.array_equal(pixels["file"], pixels["folder"])
+    assert not np.array_equal(pixels["file"], pixels["run"])
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    save_backbone_file(alone / "model.safetensors", backbone)
+    assert generate(alone / "model.safetensors", tmp_path / "x.png") == 2
+    assert "single file holds the backbone alone" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="not a released HDM file"):
+        HomeDiffPipeline.from_hdm_release(run / "model.safetensors")
 
 
 def test_nothing_is_overwritten_without_asking(model_dir, tmp_path, capsys):

@@ -51,15 +51,19 @@ def register(commands) -> None:
 
 
 def load_pipeline(args):
-    """The pipeline ``--model`` names (a folder, or a released file with its text encoder and
-    VAE), with the ``--lora`` adapters, on ``--device`` in ``--dtype``; ``homediff ui`` uses it too."""
+    """The pipeline ``--model`` names (a folder; a run's single file with the encoders of the
+    folder beside it; or a released file with its text encoder and VAE), with the ``--lora``
+    adapters, on ``--device`` in ``--dtype``; ``homediff ui`` uses it too."""
     from homediff import hub
+    from homediff.models.backbone_file import is_backbone_file
     from homediff.pipeline import RELEASE_TEXT_ENCODER, HomeDiffPipeline, is_pipeline_folder
     from homediff.precision import resolve_device
 
     model = hub.resolve(args.model, "--model")
     if is_pipeline_folder(model):
         pipe = HomeDiffPipeline.from_pretrained(model)
+    elif is_backbone_file(model):
+        pipe = HomeDiffPipeline.from_backbone_file(model)
     else:
         pipe = HomeDiffPipeline.from_hdm_release(
             model, text_encoder=args.text_encoder or RELEASE_TEXT_ENCODER, vae=args.vae, arch=args.arch)
