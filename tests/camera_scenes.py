@@ -41,12 +41,13 @@ class SceneCamera:
     def check_size(self, height, width):
         assert height % 8 == 0 and width % 8 == 0
 
-    def __call__(self, prompts, height, width, num_inference_steps, guidance_scale, camera,
-                 generator, output_type):
-        assert output_type == "pt" and len(generator) == len(prompts)
-        self.calls.append((len(prompts), height, width, camera))
+    def __call__(self, prompts, height, width, camera, generator, output_type,
+                 num_images_per_prompt=1, **settings):
+        images_of = [p for p in prompts for _ in range(num_images_per_prompt)]
+        assert output_type == "pt" and len(generator) == len(images_of)
+        self.calls.append((len(images_of), height, width, camera))
         cam = Camera() if self.blind or camera is None else Camera(
             camera["zoom"], camera["y_shift"], camera["x_shift"])
         images = [view(scene(sum(map(ord, p)) * 1000 + g.initial_seed()), height, width, cam)
-                  for p, g in zip(prompts, generator)]
+                  for p, g in zip(images_of, generator)]
         return SimpleNamespace(images=(torch.stack(images).float() + 1) / 2)

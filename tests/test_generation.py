@@ -4,6 +4,7 @@ metadata; image k is the pipeline's image for seed + k; and ``to_command`` reads
 request."""
 
 import shlex
+import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from homediff import generation
 from homediff.app.cli import build_parser, main
 from homediff.app.cli.generate import request_of
 from homediff.errors import ConfigError
-from homediff.generation import GenerationRequest
+from homediff.generation import GenerationRequest, sample
 from homediff.pipeline import HomeDiffPipeline
 
 Image = pytest.importorskip("PIL.Image")
@@ -105,3 +106,45 @@ def test_check_refuses_counts_and_sizes_below_one(change, message):
     with pytest.raises(ConfigError, match=message):
         GenerationRequest(**{"prompts": ["a cat"], "seed": 1, **change}).check()
     GenerationRequest(["a cat"], seed=1, width=16).check()
+
+
+class RecordingPipe:
+    """Records each call's prompts, images per prompt and the first draw of each generator; its
+    "images" are those first draws, so that every image shows which generator made it."""
+
+    sample_size = 8
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, num_images_per_prompt, generator, output_type, **settings):
+        draws = [torch.rand(1, generator=g).item() for g in generator]
+        self.calls.append((list(prompts), num_images_per_prompt))
+        return types.SimpleNamespace(images=draws)
+
+
+@pytest.mark.parametrize("num, batch_size, calls", [
+    (2, 4, [(["a", "b"], 2), (["c"], 2)]),         # whole prompts per call
+    (3, 2, [(["a"], 2), (["a"], 1), (["b"], 2), (["b"], 1), (["c"], 2), (["c"], 1)]),
+    (1, 1, [(["a"], 1), (["b"], 1), (["c"], 1)]),
+])
+def test_image_k_comes_from_seed_plus_k_however_the_calls_are_cut(num, batch_size, calls):
+    pipe = RecordingPipe()
+    request = GenerationRequest(["a", "b", "c"], seed=40, num=num, batch_size=batch_size)
+    images, records = sample(pipe, request)
+    assert pipe.calls == calls
+    assert [r["seed"] for r in records] == [40 + k for k in range(3 * num)]
+    assert [r["index"] for r in records] == list(range(3 * num))
+    assert [r["prompt"] for r in records] == [p for p in "abc" for _ in range(num)]
+    assert images == [torch.rand(1, generator=torch.Generator().manual_seed(40 + k)).item()
+                      for k in range(3 * num)]
+
+
+def test_seed_requests_draw_each_seed_as_it_draws_alone():
+    """The sample sheets' rule: a prompt's listed seeds, consecutive runs batched, each image the
+    one a request of that seed alone draws."""
+    requests = generation.seed_requests("a", [3, 4, 9], steps=5)
+    assert [(r.seed, r.num, r.batch_size, r.steps) for r in requests] == [(3, 2, 2, 5), (9, 1, 1, 5)]
+    batched = [image for r in requests for image in sample(RecordingPipe(), r)[0]]
+    alone = [sample(RecordingPipe(), GenerationRequest(["a"], seed=s))[0][0] for s in (3, 4, 9)]
+    assert batched == alone

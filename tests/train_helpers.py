@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 
 from homediff.training import sharding
+from homediff.training.checkpoint import write_checkpoint
 from homediff.training.components import Builders
 from homediff.training.config import TrainConfig, config_from_dict
 from homediff.training.loop import Trainer
@@ -247,3 +250,17 @@ def torchrun(launches: list[list[str]], logs: Path, timeout: float, env: dict | 
         pytest.fail(f"the workers did not finish in {timeout:.0f} s:\n{output[-3000:]}")
     assert codes == [0] * len(codes), output[-3000:]
     return output
+
+
+def as_earlier_version(folder: Path, root: Path, progress: dict, precision: dict | None = None,
+                       **files) -> Path:
+    """A copy of checkpoint ``folder`` under ``root`` whose progress.json holds ``progress`` and
+    ``precision`` as an earlier version wrote them; ``files`` replace others by name (a "." in a
+    file name is written "_": ``config_toml="..."``), as text."""
+    names = [name for name in os.listdir(folder) if name != "manifest.json"]
+    writers = {name: (lambda path, source=folder / name: shutil.copyfile(source, path)) for name in names}
+    writers["progress.json"] = lambda path: path.write_text(
+        json.dumps({"progress": progress, "precision": precision}), encoding="utf-8")
+    for key, text in files.items():
+        writers[key.replace("_", ".")] = lambda path, text=text: path.write_text(text, encoding="utf-8")
+    return write_checkpoint(root, progress["step"], writers)

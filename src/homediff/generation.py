@@ -3,7 +3,8 @@
 A ``GenerationRequest`` holds what decides the images: prompts, seed, size, steps, guidance,
 sampler, routing, camera, adapters, dtype. Image k of a request (counting over the prompts, then the
 images of each) is drawn from its own generator seeded seed + k, so any one of them is made again
-alone with that seed. Each image comes with its record of settings, which a PNG holds twice:
+alone with that seed. This is homediff's one seeding rule: the training run's sample sheets, the
+demo's and the evaluations draw through it too. Each image comes with its record of settings, which a PNG holds twice:
 ``parameters``, the text A1111 and ComfyUI readers show ("Steps: 24, Sampler: euler, CFG scale: 3,
 Seed: 7, Size: 64x64, …"), and ``homediff``, the same as JSON; a grid holds the list of its images'.
 
@@ -125,35 +126,60 @@ def _text_argument(flag: str | None, text: str) -> list[str]:
     return [f"{flag or '--prompt'}={text}"]
 
 
-def draw(pipe, request: GenerationRequest):
+def draw(pipe, request: GenerationRequest, output_type: str = "pil"):
     """The images of a request, each with its record of settings, yielded as they are made. Image
-    k is drawn from its own generator seeded seed + k, in batches of ``batch_size``, so it is the
-    image seed + k makes alone. The request is taken as it is (``request.check()`` refuses counts
-    and sizes below 1)."""
+    k is drawn from its own generator seeded seed + k, so it is the image seed + k makes alone; a
+    pipe call takes ``batch_size`` images (whole prompts' worth when that holds all ``num`` of a
+    prompt). The request is taken as it is (``request.check()`` refuses counts and sizes below 1).
+    ``output_type``: the pipe's ("pil", or "pt" for float tensors in [0, 1])."""
     import torch
 
+    height, width = request.height or pipe.sample_size, request.width or pipe.sample_size
     settings = {"negative_prompt": request.negative, "num_inference_steps": request.steps,
-                "guidance_scale": request.cfg, "height": request.height or pipe.sample_size,
-                "width": request.width or pipe.sample_size,
+                "guidance_scale": request.cfg, "height": height, "width": width,
                 "camera": {"zoom": request.zoom, "x_shift": request.x_shift, "y_shift": request.y_shift},
                 "tread_gamma": list(request.tread_gamma), "sampler": request.sampler,
                 "shift": request.shift}
-    index = 0
-    for prompt in request.prompts:
-        for start in range(0, request.num, request.batch_size):
-            seeds = [request.seed + index + i for i in range(min(request.batch_size, request.num - start))]
-            generators = [torch.Generator().manual_seed(s) for s in seeds]
-            drawn = pipe(prompt, num_images_per_prompt=len(seeds), generator=generators, **settings).images
-            for image, image_seed in zip(drawn, seeds, strict=True):
-                yield image, {"prompt": prompt, **settings, "seed": image_seed, "index": index,
-                              "lora": [[str(path), scale] for path, scale in request.lora],
-                              "model": request.model, "size": list(image.size)}
-                index += 1
+    for prompts, per_prompt, first in _calls(request):
+        seeds = [request.seed + first + i for i in range(len(prompts) * per_prompt)]
+        drawn = pipe(prompts, num_images_per_prompt=per_prompt, output_type=output_type,
+                     generator=[torch.Generator().manual_seed(s) for s in seeds], **settings).images
+        for i, image in enumerate(drawn):
+            yield image, {"prompt": prompts[i // per_prompt], **settings, "seed": seeds[i],
+                          "index": first + i, "lora": [[str(path), scale] for path, scale in request.lora],
+                          "model": request.model, "size": [width, height]}
 
 
-def sample(pipe, request: GenerationRequest):
+def _calls(request: GenerationRequest):
+    """The pipe calls of a request, in image order: (prompts, images per prompt, index of the
+    call's first image)."""
+    num, batch = request.num, request.batch_size
+    if batch >= num:  # whole prompts per call
+        step = batch // num
+        for start in range(0, len(request.prompts), step):
+            yield request.prompts[start:start + step], num, start * num
+        return
+    for p, prompt in enumerate(request.prompts):
+        for start in range(0, num, batch):
+            yield [prompt], min(batch, num - start), p * num + start
+
+
+def seed_requests(prompt: str, seeds: list[int], **settings) -> list[GenerationRequest]:
+    """Requests that draw ``prompt`` once from each of ``seeds``, in order: one per run of
+    consecutive seeds, its images in one batch; each image is the one its seed draws alone."""
+    runs: list[list[int]] = []
+    for seed in seeds:
+        if runs and seed == runs[-1][-1] + 1:
+            runs[-1].append(seed)
+        else:
+            runs.append([seed])
+    return [GenerationRequest([prompt], seed=run[0], num=len(run), batch_size=len(run), **settings)
+            for run in runs]
+
+
+def sample(pipe, request: GenerationRequest, output_type: str = "pil"):
     """The images of a request (see ``draw``) all at once, and their records."""
-    pairs = list(draw(pipe, request))
+    pairs = list(draw(pipe, request, output_type))
     return [image for image, _ in pairs], [record for _, record in pairs]
 
 

@@ -111,8 +111,8 @@ class Oracle:
     def __call__(self, prompts, height, width, num_images_per_prompt, generator, **settings):
         self.calls.append(settings)
         if self.noise:
-            return SimpleNamespace(images=torch.rand(len(prompts) * num_images_per_prompt, 3,
-                                                     height, width, generator=generator))
+            return SimpleNamespace(images=torch.stack([torch.rand(3, height, width, generator=g)
+                                                       for g in generator]))
         images = [evaluate.load_image(self.refs[p], height) for p in prompts
                   for _ in range(num_images_per_prompt)]
         return SimpleNamespace(images=(torch.stack(images) + 1) / 2)

@@ -7,11 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from train_helpers import as_earlier_version
 
 from homediff.errors import CheckpointError
-from homediff.training.checkpoint import (Checkpoint, list_checkpoints, load_tensors, load_tree,
-                                          rng_state, save_tensors, save_tree, set_rng_state,
-                                          write_checkpoint)
+from homediff.training.checkpoint import (Checkpoint, Precisions, Progress, list_checkpoints,
+                                          load_tensors, load_tree, rng_state, save_tensors, save_tree,
+                                          set_rng_state, write_checkpoint)
 
 
 def writer(value):
@@ -78,8 +79,8 @@ def test_optimizer_and_random_states_round_trip_without_pickle(tmp_path):
 
 
 def checkpoint_at(step: int) -> Checkpoint:
-    return Checkpoint(progress={"step": step, "stage": 0, "losses": [[1, 0.5]]},
-                      precision={"machine": "cpu", "autocast": None}, model={"w": torch.full((2,), 1.0)},
+    return Checkpoint(progress=Progress(step=step, losses=[[1, 0.5]]),
+                      precision=Precisions("cpu", None, "float32", "bfloat16"), model={"w": torch.full((2,), 1.0)},
                       model_config={"dim": 2}, config="[train]\nseed = 0\n",
                       optimizer={"optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": []},
                                  "scaler": None},
@@ -95,13 +96,29 @@ def test_a_checkpoint_is_one_file_per_part_and_loads_back(tmp_path):
                                         "progress.json", "rng.safetensors"]
     found, back = Checkpoint.open(tmp_path, "latest")
     assert found == path
-    assert back.progress == {"step": 4, "stage": 0, "losses": [[1, 0.5]]}
+    assert back.progress == Progress(step=4, losses=[[1, 0.5]])  # the run's one process recorded
+    assert back.precision == Precisions("cpu", None, "float32", "bfloat16")
     assert back.ema["decay"] == 0.999 and back.ema["updates"] == 3
     assert torch.equal(back.ema["shadow"]["w"], torch.full((2,), 0.5))
     assert torch.equal(back.optimizer["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
     assert back.data == {"world": 1, "positions": {"0": 5}} and back.config == "[train]\nseed = 0\n"
     assert torch.equal(back.rng[0]["generator"], torch.Generator().get_state())
-    assert Checkpoint.read_progress(path)["progress"]["step"] == 4
+    assert Checkpoint.read_step(path) == 4
+
+
+def test_a_checkpoint_of_an_earlier_version_reads_as_this_one(tmp_path):
+    """Earlier versions saved the epoch's position in micro-batches per process (``batch``), not the
+    processes the run began with, and fewer precision choices: the position becomes samples by
+    the batch size of the checkpoint's own config, the processes are those whose random states it
+    holds, and the choices are made again (None)."""
+    two = checkpoint_at(6)
+    two.rng.append({"global": rng_state(), "generator": torch.Generator().get_state()})
+    path = as_earlier_version(two.save(tmp_path / "now"), tmp_path / "then",
+                              {"step": 6, "stage": 0, "epoch": 1, "batch": 5, "losses": []},
+                              {"autocast": None}, config_toml="[[stages]]\nbatch_size = 3\n")
+    back = Checkpoint.load(path)
+    assert (back.progress.samples, back.progress.processes, back.progress.epoch) == (5 * 3 * 2, 2, 1)
+    assert back.precision is None
 
 
 class RunsCode:

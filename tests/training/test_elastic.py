@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import (FSDP_ENV, assert_trained_alike, square_folder, text_encoder_folder,
-                           tiny_config, torchrun, train_recording)
+from train_helpers import (FSDP_ENV, as_earlier_version, assert_trained_alike, square_folder,
+                           text_encoder_folder, tiny_config, torchrun, train_recording)
 
 from homediff.data import EpochSampler, pack_folder
 from homediff.errors import CheckpointError
@@ -159,7 +159,7 @@ def test_a_run_resumes_in_another_number_of_processes_as_if_unbroken(assets, unb
     # processes, so that resuming again in one process with the same config scales it again (and
     # restores the random states exactly, here from step 2 to the same end, bit for bit)
     saved = Checkpoint.load(tmp_path / "down" / "checkpoints" / "step-00000002")
-    assert (saved.processes, saved.progress["processes"]) == (1, 2)
+    assert (saved.processes, saved.progress.processes) == (1, 2)
     assert parse_toml(saved.config)["stages"][0]["grad_accum"] == 1
     shutil.copytree(tmp_path / "down", tmp_path / "again")
     caplog.clear()
@@ -188,8 +188,10 @@ def test_a_checkpoint_that_counted_micro_batches_per_process_resumes_where_it_st
     """Earlier versions saved the epoch's position as ``batch``, micro-batches per process, and
     not the number of processes the run began with."""
     saved = Checkpoint.load(unbroken.trainer.run_dir / "checkpoints" / "step-00000001")
-    progress = {k: v for k, v in saved.progress.items() if k not in ("samples", "processes")}
-    dataclasses.replace(saved, progress={**progress, "batch": 1}).save(tmp_path / "checkpoints")
+    progress = {k: v for k, v in dataclasses.asdict(saved.progress).items()
+                if k not in ("samples", "processes")}
+    as_earlier_version(unbroken.trainer.run_dir / "checkpoints" / "step-00000001", tmp_path / "checkpoints",
+                       {**progress, "batch": 1}, dataclasses.asdict(saved.precision))
     resumed = train_recording(unbroken.trainer.config, tmp_path, resume="latest")
     assert resumed.images == {step: keys for step, keys in unbroken.images.items() if step >= 1}
     final = [load_tensors(run / "checkpoints" / "step-00000004" / "model.safetensors")

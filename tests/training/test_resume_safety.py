@@ -119,7 +119,7 @@ def test_resume_falls_back_past_a_damaged_file(two_checkpoints, tmp_path, caplog
     damage(run / "checkpoints" / "step-00000004" / name, how)
     with caplog.at_level("WARNING"):
         path, checkpoint = Checkpoint.open(run / "checkpoints", "latest")
-    assert path.name == "step-00000002" and checkpoint.progress["step"] == 2
+    assert path.name == "step-00000002" and checkpoint.progress.step == 2
     assert "step-00000004" in caplog.text and "skipping a damaged checkpoint" in caplog.text
     with pytest.raises(CheckpointError, match="step-00000004"):
         Checkpoint.load(run / "checkpoints" / "step-00000004")

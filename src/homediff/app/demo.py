@@ -29,6 +29,7 @@ from homediff.errors import ConfigError, HomediffError
 from homediff.evaluation import (CameraSettings, EvalSettings, camera_markdown, evaluate_camera,
                                  evaluate_fidelity, markdown, read_split, spread_captions)
 from homediff.figures import labelled_grid
+from homediff.generation import sample, seed_requests
 from homediff.pipeline import HomeDiffPipeline
 from homediff.training.checkpoint import Checkpoint, list_checkpoints
 from homediff.training.config import TrainConfig, load_config, to_toml
@@ -86,7 +87,7 @@ def train_for(config: TrainConfig, out: Path, minutes: float, processes: int = 1
     written = [p for p in list_checkpoints(out / "checkpoints") if p.stat().st_mtime >= started]
     if not written:
         raise HomediffError(f"{out / 'checkpoints'}: the training processes wrote no checkpoint")
-    return Checkpoint.read_progress(written[-1])["progress"]["step"]
+    return Checkpoint.read_step(written[-1])
 
 
 def sample_sheet(pipe: HomeDiffPipeline, data: Path, out: Path, seeds: int = 4, rows: int = 6,
@@ -95,14 +96,12 @@ def sample_sheet(pipe: HomeDiffPipeline, data: Path, out: Path, seeds: int = 4, 
     train, held = read_split(data)
     seen = spread_captions(train, rows)
     prompts = [(f"seen: {c}", c) for c in seen] + [(f"held-out: {c}", c) for c in sorted(held)[:rows]]
-    size = pipe.sample_size
 
-    def draw(prompt: str, seed: int):
-        return pipe(prompt, height=size, width=size, num_inference_steps=steps,
-                    guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)).images[0]
+    def row(prompt: str) -> list:
+        return [image for request in seed_requests(prompt, list(range(seeds)), steps=steps, cfg=cfg)
+                for image in sample(pipe, request)[0]]
 
-    samples = labelled_grid([(label, [draw(prompt, seed) for seed in range(seeds)])
-                             for label, prompt in prompts])
+    samples = labelled_grid([(label, row(prompt)) for label, prompt in prompts])
     samples.save(out / "samples.png")
     return out / "samples.png"
 

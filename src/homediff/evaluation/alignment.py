@@ -45,10 +45,6 @@ class Camera:
     y: float = 0.0
     x: float = 0.0
 
-    def as_dict(self) -> dict:
-        """The pipeline's camera argument."""
-        return {"zoom": self.zoom, "y_shift": self.y, "x_shift": self.x}
-
 
 @dataclass(frozen=True)
 class Alignment:

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from homediff.evaluation.alignment import Camera, align, predict, similarity_at
 from homediff.evaluation.settings import CameraSettings
+from homediff.generation import GenerationRequest, sample
 from homediff.geometry import canonical_box
 
 TOLERANCE = 0.15  # an edit counts as recovered when its mean error is within this share of the move
@@ -52,24 +53,20 @@ EDITS = tuple([Edit(f"{axis} {sign}{amount}", Camera(**{axis: float(f"{sign}{amo
 
 
 def draw_views(pipe, prompts: list[str], settings: CameraSettings, size: int) -> dict:
-    """Images (prompt-major, seed-minor) of the canonical view (key None) and of every edit, each
-    image from its own generator seeded ``settings.seed + k``."""
+    """Images (prompt-major, seed-minor) of the canonical view (key None) and of every edit: one
+    request per view (``generation``), so image k of every view comes from seed ``settings.seed``
+    + k, and the views of one prompt and seed differ only by their camera."""
     from tqdm.auto import tqdm
 
-    pairs = [(p, settings.seed + k) for p in prompts for k in range(settings.seeds)]
     views = {}
     for edit in tqdm((None, *EDITS), desc="camera views", disable=not settings.progress):
         frame = (1, 1) if edit is None else edit.frame
-        camera = None if edit is None else edit.camera.as_dict()
-        images = []
-        for start in range(0, len(pairs), settings.batch):
-            chunk = pairs[start:start + settings.batch]
-            images.append(pipe(
-                [p for p, _ in chunk], height=size * frame[0], width=size * frame[1],
-                num_inference_steps=settings.steps, guidance_scale=settings.cfg, camera=camera,
-                generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                output_type="pt").images.float() * 2 - 1)
-        views[edit] = torch.cat(images)
+        camera = {} if edit is None else {"zoom": edit.camera.zoom, "x_shift": edit.camera.x,
+                                          "y_shift": edit.camera.y}
+        request = GenerationRequest(prompts, seed=settings.seed, steps=settings.steps, cfg=settings.cfg,
+                                    height=size * frame[0], width=size * frame[1], num=settings.seeds,
+                                    batch_size=max(settings.seeds, settings.batch), **camera)
+        views[edit] = torch.stack(sample(pipe, request, output_type="pt")[0]).float() * 2 - 1
     return views
 
 

@@ -27,6 +27,7 @@ from homediff.data.crop import shifted_square_crop
 from homediff.data.folder import scan_folder
 from homediff.errors import ConfigError, HomediffError
 from homediff.evaluation.settings import EvalSettings
+from homediff.generation import GenerationRequest, draw
 
 
 def read_captions(folder: Path) -> dict[str, list[Path]]:
@@ -99,25 +100,22 @@ def load_image(path: Path, size: int | None = None) -> torch.Tensor:
 
 
 def generate(pipe, captions: list[str], settings: EvalSettings, size: int) -> torch.Tensor:
-    """``per_caption`` images per caption, caption-major, (N, 3, size, size) in [−1, 1]."""
+    """``per_caption`` images per caption, caption-major, (N, 3, size, size) in [−1, 1]: one
+    request (``generation``), image k from seed ``settings.seed`` + k, whole captions per batch."""
     from tqdm.auto import tqdm
 
-    per_call = max(1, settings.batch // settings.per_caption)
+    request = GenerationRequest(captions, seed=settings.seed, steps=settings.steps, cfg=settings.cfg,
+                                height=size, width=size, num=settings.per_caption,
+                                batch_size=max(settings.per_caption, settings.batch))
     previous = dict(getattr(pipe, "_progress", {}))
     pipe.set_progress_bar_config(disable=True)
-    out = []
     try:
-        for chunk, start in enumerate(tqdm(range(0, len(captions), per_call), desc="generating",
-                                           disable=not settings.progress)):
-            generator = torch.Generator().manual_seed(settings.seed * 100_003 + chunk)
-            images = pipe(captions[start:start + per_call], height=size, width=size,
-                          num_inference_steps=settings.steps, guidance_scale=settings.cfg,
-                          generator=generator, num_images_per_prompt=settings.per_caption,
-                          output_type="pt").images
-            out.append(images.float() * 2 - 1)
+        images = [image for image, _ in tqdm(draw(pipe, request, output_type="pt"), desc="generating",
+                                             total=len(captions) * settings.per_caption,
+                                             disable=not settings.progress)]
     finally:
         pipe.set_progress_bar_config(**previous)
-    return torch.cat(out)
+    return torch.stack(images).float() * 2 - 1
 
 
 @dataclass

@@ -20,13 +20,14 @@ half-written one that looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from homediff.atomic import fsync, replace_folder
 from homediff.errors import CheckpointError
+from homediff.training.config import StageConfig, parse_toml
 
 logger = logging.getLogger(__name__)
 
@@ -198,12 +200,73 @@ def load_tree(path: str | Path):
 
 
 @dataclass
+class Progress:
+    """Where a run is; saved with every checkpoint."""
+
+    step: int = 0  # optimiser steps over the whole run
+    stage: int = 0
+    stage_step: int = 0  # optimiser steps in the current stage
+    epoch: int = 0  # epoch within the current stage
+    samples: int = 0  # samples of the current epoch taken so far, by all processes together
+    processes: int = 1  # processes the run began with, for which its config's grad_accum is given
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
+
+    @classmethod
+    def from_saved(cls, fields: dict, processes: int, config: str) -> Progress:
+        """A checkpoint's progress as saved. Earlier versions did not record the processes the
+        run began with (it never changed then: ``processes``, the checkpoint's), and counted the
+        epoch's position in micro-batches per process (``batch``): those become samples, by the
+        batch size in the checkpoint's ``config``."""
+        fields = {"processes": processes, **fields}
+        if "batch" in fields:
+            stages = parse_toml(config).get("stages") or [{}]
+            stage = stages[min(fields["stage"], len(stages) - 1)]
+            fields["samples"] = fields.pop("batch") * stage.get("batch_size", StageConfig.batch_size) * processes
+        return cls(**fields)
+
+    def advance(self, samples: int, folder_size: int | None) -> None:
+        """Move the epoch's position on by ``samples``; in a folder (of ``folder_size`` images)
+        smaller than a batch of every process, a batch runs on into the next epochs, and so does
+        the position."""
+        self.samples += samples
+        if folder_size:
+            self.epoch, self.samples = divmod(self.epoch * folder_size + self.samples, folder_size)
+
+    def next_stage(self) -> None:
+        self.stage += 1
+        self.stage_step = self.epoch = self.samples = 0
+
+
+@dataclass(frozen=True)
+class Precisions:
+    """The dtypes a run computes in, by name, and the machine they were chosen on
+    (``training.precisions.choose_precisions``); a resume on that machine reuses them, so that it
+    continues with the same numerics."""
+
+    machine: str
+    autocast: str | None  # autocast's dtype; None: off (float32)
+    muon: str | None  # Muon's Newton-Schulz iteration; None without Muon
+    text: str  # the text encoder's
+
+    def describe(self) -> str:
+        return f"autocast {self.autocast or 'off'}, Muon {self.muon or '-'}, text encoder {self.text}"
+
+    @classmethod
+    def from_saved(cls, fields: dict | None) -> Precisions | None:
+        """The choices as saved; None where a checkpoint of an earlier version holds fewer (the
+        choices are then made again)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: fields[k] for k in names}) if fields and names <= set(fields) else None
+
+
+@dataclass
 class Checkpoint:
     """Everything a run needs to continue exactly where it stopped (see the module's docstring
     for the files). ``rng`` holds each process's random states, in rank order."""
 
-    progress: dict
-    precision: dict
+    progress: Progress
+    precision: Precisions | None
     model: dict[str, torch.Tensor]
     model_config: dict
     config: str  # the training config as TOML
@@ -228,13 +291,15 @@ class Checkpoint:
             "optimizer.safetensors": lambda p: save_tree(p, self.optimizer),
             "data.json": write_json(self.data),
             "rng.safetensors": lambda p: save_tree(p, self.rng or []),
-            "progress.json": write_json({"progress": self.progress, "precision": self.precision}),
+            "progress.json": write_json({
+                "progress": dataclasses.asdict(self.progress),
+                "precision": dataclasses.asdict(self.precision) if self.precision else None}),
             "config.toml": lambda p: p.write_text(self.config, encoding="utf-8"),
         }
         if self.ema is not None:
             meta = {"decay": str(self.ema["decay"]), "updates": str(self.ema["updates"])}
             writers["ema.safetensors"] = lambda p: save_tensors(p, self.ema["shadow"], meta)
-        return write_checkpoint(root, self.progress["step"], writers, keep)
+        return write_checkpoint(root, self.progress.step, writers, keep)
 
     @classmethod
     def load(cls, path: str | Path) -> "Checkpoint":
@@ -242,28 +307,25 @@ class Checkpoint:
         path = Path(path)
         _refuse_old_format(path)
         verify_checkpoint(path)
-        saved = cls.read_progress(path)
+        saved = _read_progress_file(path)
         ema = None
         if (path / "ema.safetensors").is_file():
             with safe_open(str(path / "ema.safetensors"), framework="pt") as file:
                 meta = file.metadata() or {}
             ema = {"decay": float(meta["decay"]), "updates": int(meta["updates"]),
                    "shadow": load_tensors(path / "ema.safetensors")}
-        return cls(progress=saved["progress"], precision=saved["precision"],
+        rng, config = load_tree(path / "rng.safetensors"), _read_text(path / "config.toml")
+        return cls(progress=Progress.from_saved(saved["progress"], len(rng) if rng else 1, config),
+                   precision=Precisions.from_saved(saved.get("precision")),
                    model=load_tensors(path / "model.safetensors"),
-                   model_config=_read_json(path / "model_config.json"),
-                   config=_read_text(path / "config.toml"),
+                   model_config=_read_json(path / "model_config.json"), config=config,
                    optimizer=load_tree(path / "optimizer.safetensors"), ema=ema,
-                   data=_read_json(path / "data.json"), rng=load_tree(path / "rng.safetensors"))
+                   data=_read_json(path / "data.json"), rng=rng)
 
     @staticmethod
-    def read_progress(path: str | Path) -> dict:
-        """``{"progress": …, "precision": …}`` of a checkpoint folder, without its tensors."""
-        path = Path(path)
-        _refuse_old_format(path)
-        if not (path / "progress.json").is_file():
-            raise CheckpointError(f"{path}: not a checkpoint folder (no progress.json)")
-        return _read_json(path / "progress.json")
+    def read_step(path: str | Path) -> int:
+        """The optimiser step a checkpoint folder was saved at, without reading its tensors."""
+        return int(_read_progress_file(Path(path))["progress"]["step"])
 
     @classmethod
     def open(cls, root: str | Path, which: str) -> tuple[Path, "Checkpoint"]:
@@ -290,6 +352,13 @@ def _refuse_old_format(path: Path) -> None:
         raise CheckpointError(f"{path}: a checkpoint in the pickled format of earlier homediff "
                               "versions, which is not read (loading a pickle can run code): start a "
                               "new run, or resume it with the version that wrote it")
+
+
+def _read_progress_file(path: Path) -> dict:
+    _refuse_old_format(path)
+    if not (path / "progress.json").is_file():
+        raise CheckpointError(f"{path}: not a checkpoint folder (no progress.json)")
+    return _read_json(path / "progress.json")
 
 
 def _read_json(path: Path):

@@ -44,7 +44,7 @@ from homediff.models import XUT
 from homediff.models.flops import train_step_flops
 from homediff.training import infrastructure, sharding
 from homediff.training.batches import step_batches
-from homediff.training.checkpoint import Checkpoint, rng_state
+from homediff.training.checkpoint import Checkpoint, Progress, rng_state
 from homediff.training.components import Builders, Components
 from homediff.training.config import StageConfig, TrainConfig, to_toml
 from homediff.training.export import adapters, export_run, final_weights, model_copy
@@ -53,7 +53,6 @@ from homediff.training.optim import full_tensor, lr_multiplier, set_lr
 from homediff.training.precisions import choose_precisions
 from homediff.training.run_folder import claim_run_folder
 from homediff.training.run_state import (
-    Progress,
     RunState,
     check_resumable,
     fit_to_processes,
@@ -314,7 +313,7 @@ class Trainer:
         load_trained_state(self.unwrapped, checkpoint, path, self.fsdp, self.config)
         if self.ema and checkpoint.ema:
             self.ema.load_state_dict(checkpoint.ema)
-        state = RunState.of(checkpoint, self.config)
+        state = RunState.of(checkpoint)
         self.progress = state.progress
         self.monitor.say(f"resumed from {path} at step {self.progress.step} "
                          f"(stage {self.progress.stage + 1}, step {self.progress.stage_step} of the stage)")

@@ -16,6 +16,7 @@ import torch
 
 from homediff.extras import require
 from homediff.figures import line_plot, sample_sheet, smooth
+from homediff.generation import sample, seed_requests
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +112,12 @@ class Monitor:
     def samples(self, pipeline, train, step: int) -> Path:
         """The sample sheet: a row per sample prompt, a column per sample seed, the prompt under
         every image; saved as samples/step-N.png and logged to TensorBoard as "samples". Image
-        (prompt, seed) starts from the noise a single call with a generator of that seed draws."""
+        (prompt, seed) is the one ``homediff generate`` draws for that prompt and seed."""
         pipeline.set_progress_bar_config(disable=True)
-        size, seeds = pipeline.sample_size, train.sample_seeds
-        rows = []
-        for prompt in train.sample_prompts:  # one call per prompt: its seeds in one batch
-            start = torch.cat([pipeline.noise(1, size, size, torch.Generator().manual_seed(seed))
-                               for seed in seeds])
-            rows.append((prompt, pipeline(prompt, num_images_per_prompt=len(seeds), latents=start,
-                                          num_inference_steps=train.sample_steps,
-                                          guidance_scale=train.sample_cfg).images))
+        seeds, rows = train.sample_seeds, []
+        for prompt in train.sample_prompts:  # a prompt's consecutive seeds in one batch
+            requests = seed_requests(prompt, seeds, steps=train.sample_steps, cfg=train.sample_cfg)
+            rows.append((prompt, [image for request in requests for image in sample(pipeline, request)[0]]))
         title = f"step {step}: {train.sample_steps} steps, guidance {train.sample_cfg:g}"
         sheet = sample_sheet(rows, [f"seed {seed}" for seed in seeds], title)
         path = self.run_dir / "samples" / f"step-{step:08d}.png"

@@ -15,31 +15,17 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from homediff import precision
+from homediff.training.checkpoint import Precisions
 from homediff.training.config import TrainConfig
 from homediff.training.objective import LossSettings, flow_matching_loss
 from homediff.training.optim import is_hidden_matrix
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Precisions:
-    """The dtypes a run computes in, by name, and the machine they were chosen on; a checkpoint
-    keeps them (``RunState``) so that a resume on that machine continues with the same numerics."""
-
-    machine: str
-    autocast: str | None  # autocast's dtype; None: off (float32)
-    muon: str | None  # Muon's Newton-Schulz iteration; None without Muon
-    text: str  # the text encoder's
-
-    def describe(self) -> str:
-        return f"autocast {self.autocast or 'off'}, Muon {self.muon or '-'}, text encoder {self.text}"
 
 
 def accelerator_precision(config: TrainConfig) -> str:
@@ -69,12 +55,12 @@ def launched_precision() -> str | None:
 
 
 def choose_precisions(config: TrainConfig, device: torch.device, parts: tuple | None = None,
-                      saved: dict | None = None, agree: Callable[[float], float] = float) -> Precisions:
+                      saved: Precisions | None = None, agree: Callable[[float], float] = float) -> Precisions:
     """The run's ``Precisions``: the dtype names of CPU autocast (None: off), Muon's iteration
     and the text encoder, and the machine they were chosen on. ``parts``: the
     (model, text encoder, autoencoder) a run built, else they are built here as a run with the
     default builders would build them, so no trainer is needed. ``saved``: a checkpoint's choices,
-    reused on the same machine (as saved: a dict, whose keys older checkpoints may lack). ``agree`` averages a measurement over processes so that every
+    reused on the same machine. ``agree`` averages a measurement over processes so that every
     process chooses alike."""
     if parts is None:
         from homediff.training.components import Builders
@@ -86,24 +72,24 @@ def choose_precisions(config: TrainConfig, device: torch.device, parts: tuple | 
     model, text_encoder, autoencoder = parts
     latent_channels, latent_factor = autoencoder.channels, autoencoder.factor
     machine = precision.machine_key(device)
-    reuse = saved if saved and saved.get("machine") == machine else {}
+    reuse = saved if saved and saved.machine == machine else None
     autocast = {"no": None, "bf16": "bfloat16", "fp16": "float16"}.get(accelerator_precision(config))
     if config.train.mixed_precision == "auto" and not launched_precision() and device.type == "cpu":
-        if "autocast" in reuse:  # None (float32) is a choice too
-            autocast = reuse["autocast"]
+        if reuse:  # None (float32) is a choice too
+            autocast = reuse.autocast
         else:
             autocast = _choose_autocast(config, model, text_encoder.dim, latent_channels,
                                         latent_factor, device, agree)
     muon = None
     if config.optimizer.name == "muon":
         setting = config.optimizer.muon_dtype
-        muon = reuse.get("muon") if setting == "auto" else None
+        muon = reuse.muon if reuse and setting == "auto" else None
         muon = muon or precision.choose_matmul_dtype(
             setting, device, _newton_schulz_shape(model), "Muon's Newton-Schulz iteration",
             agree=agree).name
     text = str(text_encoder.model.dtype).removeprefix("torch.")
-    if config.text_encoder.options.dtype == "auto" and "text" in reuse:
-        text = reuse["text"]
+    if config.text_encoder.options.dtype == "auto" and reuse:
+        text = reuse.text
         text_encoder.to(dtype=precision.DTYPES[text])
     return Precisions(machine, autocast, muon, text)
 

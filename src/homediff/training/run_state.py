@@ -1,11 +1,10 @@
-"""Where a run stands, as a checkpoint keeps it: ``Progress`` (steps, stage, epoch position, losses)
-and ``RunState`` (progress, precisions, every process's random states, the optimiser's state and
-the data stream's position), with the checks that a checkpoint can continue this run."""
+"""Where a run stands, as a checkpoint keeps it: ``RunState`` (progress, precisions, every
+process's random states, the optimiser's state and the data stream's position), the weights a
+checkpoint keeps, and the checks that a checkpoint can continue this run."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,45 +12,8 @@ from torch import nn
 
 from homediff.errors import CheckpointError
 from homediff.training import elastic, sharding
-from homediff.training.checkpoint import Checkpoint, set_rng_state
+from homediff.training.checkpoint import Checkpoint, Precisions, Progress, set_rng_state
 from homediff.training.config import TrainConfig, parse_toml
-from homediff.training.precisions import Precisions
-
-
-@dataclass
-class Progress:
-    """Where a run is; saved with every checkpoint."""
-
-    step: int = 0  # optimiser steps over the whole run
-    stage: int = 0
-    stage_step: int = 0  # optimiser steps in the current stage
-    epoch: int = 0  # epoch within the current stage
-    samples: int = 0  # samples of the current epoch taken so far, by all processes together
-    processes: int = 1  # processes the run began with, for which its config's grad_accum is given
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
-
-    @classmethod
-    def of(cls, checkpoint: Checkpoint, config: TrainConfig) -> Progress:
-        """A checkpoint's progress. Earlier versions counted the epoch's position in micro-batches
-        per process (``batch``): those become samples."""
-        fields = {**checkpoint.progress, "processes": begun_in(checkpoint)}
-        if "batch" in fields:
-            stage = config.stages[min(fields["stage"], len(config.stages) - 1)]
-            fields["samples"] = fields.pop("batch") * stage.batch_size * checkpoint.processes
-        return cls(**fields)
-
-    def advance(self, samples: int, folder_size: int | None) -> None:
-        """Move the epoch's position on by ``samples``; in a folder (of ``folder_size`` images)
-        smaller than a batch of every process, a batch runs on into the next epochs, and so does
-        the position."""
-        self.samples += samples
-        if folder_size:
-            self.epoch, self.samples = divmod(self.epoch * folder_size + self.samples, folder_size)
-
-    def next_stage(self) -> None:
-        self.stage += 1
-        self.stage_step = self.epoch = self.samples = 0
 
 
 @dataclass
@@ -60,7 +22,7 @@ class RunState:
     ``data`` are None at a stage's end: the next stage builds its own."""
 
     progress: Progress
-    precision: Precisions
+    precision: Precisions | None
     rng: list[dict]  # each process's random states, in rank order
     optimizer: dict | None = None
     scaler: dict | None = None
@@ -68,15 +30,14 @@ class RunState:
 
     def to_checkpoint(self, model: dict[str, torch.Tensor], model_config: dict, config: str,
                       ema: dict | None) -> Checkpoint:
-        return Checkpoint(progress=dataclasses.asdict(self.progress), precision=dataclasses.asdict(self.precision),
+        return Checkpoint(progress=self.progress, precision=self.precision,
                           model=model, model_config=model_config, config=config,
                           optimizer={"optimizer": self.optimizer, "scaler": self.scaler},
                           ema=ema, data=self.data, rng=self.rng)
 
     @classmethod
-    def of(cls, checkpoint: Checkpoint, config: TrainConfig) -> RunState:
-        return cls(Progress.of(checkpoint, config), Precisions(**checkpoint.precision),
-                   checkpoint.rng or [],
+    def of(cls, checkpoint: Checkpoint) -> RunState:
+        return cls(checkpoint.progress, checkpoint.precision, checkpoint.rng or [],
                    checkpoint.optimizer.get("optimizer"), checkpoint.optimizer.get("scaler"),
                    checkpoint.data)
 
@@ -101,11 +62,6 @@ class RunState:
         return (f"the checkpoint holds the random states of {len(self.rng)} processes, not "
                 f"{processes}: noise, flow times and routing now come from states made from the "
                 "seed, the step and the process, and differ from an unbroken run's")
-
-
-def begun_in(checkpoint: Checkpoint) -> int:
-    """The number of processes a checkpoint's run began with (earlier versions never changed it)."""
-    return checkpoint.progress.get("processes", checkpoint.processes)
 
 
 def merge_positions(states: list[dict | None]) -> dict | None:
@@ -146,7 +102,7 @@ def check_resumable(saved: Checkpoint, path: Path, config: TrainConfig, model_co
     differ = [f"{k} {saved.model_config.get(k)!r} → {v!r}" for k, v in built.items()
               if saved.model_config.get(k) != v]
     problems = [f"the model differs ({', '.join(differ)})"] if differ else []
-    index = saved.progress["stage"]
+    index = saved.progress.stage
     before = parse_toml(saved.config).get("stages", [])
     if index < min(len(before), len(config.stages)):
         for key in ("batch_size", "grad_accum"):
@@ -166,7 +122,7 @@ def fit_to_processes(saved: Checkpoint, path: Path, config: TrainConfig,
     changed."""
     try:
         elastic.refuse_shard_positions(saved.data, saved.processes, processes)
-        return elastic.keep_global_batches(config, saved.progress["stage"], begun_in(saved),
+        return elastic.keep_global_batches(config, saved.progress.stage, saved.progress.processes,
                                            processes)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from err
