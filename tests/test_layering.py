@@ -20,7 +20,7 @@ LAYERS = [
     ["caching"],
     ["precision", "geometry", "figures", "exports", "extras", "hub"],
     ["data", "models", "diffusion", "encoders"],
-    ["datasets"],
+    ["datasets", "hdm_release"],
     ["pipeline", "generation"],
     ["training", "evaluation", "diffusers_pipeline"],
     ["planning"],

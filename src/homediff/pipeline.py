@@ -35,14 +35,14 @@ from safetensors.torch import load_file, save_file
 
 from homediff import __version__, hub
 from homediff.diffusion.samplers import check_rates, check_scale, get_sampler, guided_denoiser, time_grid
-from homediff.encoders.autoencoders import Autoencoder, KLAutoencoder, load_autoencoder
+from homediff.encoders.autoencoders import Autoencoder, load_autoencoder
 from homediff.encoders.text import TextEncoder
 from homediff.errors import CheckpointError, ConfigError
 from homediff.geometry import camera as camera_edit
 from homediff.geometry import canonical_grid
+from homediff.hdm_release import RELEASE_TEXT_ENCODER, read_release
 from homediff.models import XUT, XUTConfig, load_hdm_state_dict, lora
-from homediff.models.backbone_file import is_backbone_file, load_backbone_file
-from homediff.models.release import arch_config, read_state_dict
+from homediff.models.backbone_file import load_backbone_file
 from homediff.precision import choose_matmul_dtype
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ INDEX = "model_index.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 CAMERA_KEYS = ("zoom", "x_shift", "y_shift")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-RELEASE_TEXT_ENCODER = "Qwen/Qwen3-0.6B"
-RELEASE_VAE = "KBlueLeaf/EQ-SDXL-VAE"
-
-
 @dataclass
 class PipelineOutput:
     """``images``: PIL images, an (N, H, W, C) array or an (N, C, H, W) tensor in [0, 1], or latents.
@@ -451,76 +447,11 @@ class HomeDiffPipeline:
                          vae: str | None = None, *, arch=None, text_encoder_options: dict | None = None,
                          sample_size: int = 1024) -> "HomeDiffPipeline":
         """A pipeline around a released HDM model: a single file (or a Lightning checkpoint), a
-        folder or hub repository holding one such file, or the original's diffusers-layout folder
-        (``transformer/`` with its arch as ``config.json``, ``vae/``); hub ids as ``owner/repo``
-        or ``owner/repo/file.safetensors``.
+        folder or hub repository holding one, or the original's diffusers-layout folder; see
+        ``hdm_release.read_release`` for the arguments."""
+        return cls(*read_release(checkpoint, text_encoder, vae, arch=arch,
+                                 text_encoder_options=text_encoder_options), sample_size=sample_size)
 
-        A single file holds the backbone (``unet.model.*``) and usually the VAE weights (``vae.*``)
-        and latent statistics (``vae_mean``, ``vae_std``); ``vae`` then only supplies the VAE's
-        config (default the release's EQ-SDXL VAE). ``text_encoder`` is a folder or hub id (its
-        weights are replaced by the file's ``te.*`` tensors if it has them). ``arch``: the
-        backbone's HDM arch JSON (dict or path) or an ``XUTConfig``; default the JSON beside the
-        file (``NAME.json``, as ``homediff export`` writes it), else the released XUT-base.
-        """
-        source = hub.resolve(checkpoint, "HDM checkpoint")
-        if source.is_dir() and (source / "transformer").is_dir():
-            return cls._from_release_folder(source, text_encoder, vae, arch, text_encoder_options,
-                                            sample_size)
-        if source.is_dir():
-            files = sorted(source.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{checkpoint}: neither a homediff pipeline folder (no {INDEX}) "
-                                      "nor a folder holding a released HDM file (.safetensors)")
-            if len(files) > 1:
-                raise CheckpointError(f"{checkpoint}: {len(files)} .safetensors files in the folder: "
-                                      "name the one to load (a path, or owner/repo/FILE)")
-            source = files[0]
-        if is_backbone_file(source):
-            raise CheckpointError(f"{source}: a homediff run's single file, not a released HDM file: "
-                                  "load it with HomeDiffPipeline.from_backbone_file")
-        beside = source.with_suffix(".json")
-        if arch is None and beside.is_file():
-            arch = beside
-            logger.info("%s: arch from %s", source, beside)
-        state = read_state_dict(source)
-        transformer = load_hdm_state_dict(XUT(arch_config(arch)), state, str(source)).eval()
-        vae_state = _with_prefix(state, "vae.")
-        stats = {}
-        if "vae_mean" in state and "vae_std" in state:
-            stats = {"mean": state["vae_mean"].float(), "std": state["vae_std"].float()}
-        vae = vae or RELEASE_VAE
-        if vae_state:
-            autoencoder = KLAutoencoder.from_weights(vae, vae_state, **stats)
-        else:
-            autoencoder = KLAutoencoder.from_pretrained(vae, **stats)
-        logger.info("%s: VAE weights from %s, latent statistics from %s", source,
-                    "the checkpoint" if vae_state else vae, "the checkpoint" if stats else vae)
-        encoder = _release_text_encoder(text_encoder, text_encoder_options)
-        te_state = _with_prefix(state, "te.text_models.0.")
-        if te_state:
-            encoder.load_weights(te_state, str(source))
-        return cls(transformer, encoder, autoencoder, sample_size=sample_size)
-
-    @classmethod
-    def _from_release_folder(cls, folder: Path, text_encoder, vae, arch, text_encoder_options,
-                             sample_size: int) -> "HomeDiffPipeline":
-        """The original's diffusers layout: transformer/ (``config.json`` = the XUDiT arguments,
-        weights under ``model.``) and vae/; the text encoder is named separately."""
-        weights = sorted((folder / "transformer").glob("*.safetensors"))
-        if len(weights) != 1:
-            raise CheckpointError(f"{folder}/transformer: expected one .safetensors file, found "
-                                  f"{len(weights)}")
-        if arch is None:
-            try:
-                config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError) as err:
-                raise CheckpointError(f"{folder}/transformer/config.json: cannot read ({err})") from err
-            arch = {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers' own keys
-        transformer = load_hdm_state_dict(XUT(arch_config(arch)), read_state_dict(weights[0]),
-                                          str(weights[0])).eval()
-        vae = vae or (folder / "vae" if (folder / "vae").is_dir() else RELEASE_VAE)
-        return cls(transformer, _release_text_encoder(text_encoder, text_encoder_options),
-                   KLAutoencoder.from_pretrained(vae), sample_size=sample_size)
 
 
 def is_pipeline_folder(path: Path) -> bool:
@@ -546,15 +477,6 @@ def load_transformer(folder: str | Path) -> XUT:
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"{folder}: cannot read ({err})") from err
     return load_hdm_state_dict(XUT(config), state, str(folder))
-
-
-def _release_text_encoder(name: str, options: dict | None) -> TextEncoder:
-    """The text encoder as the original's inference runs it: no padding beyond the longest prompt."""
-    return TextEncoder.from_pretrained(name, **{"padding": "longest", "max_length": 512, **(options or {})})
-
-
-def _with_prefix(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _per_image(generator, count: int):

@@ -8,7 +8,7 @@ from tiny_components import OFFICIAL_SMALL
 
 from homediff.errors import CheckpointError, ConfigError
 from homediff.models import XUT, XUTConfig, load_hdm_checkpoint
-from homediff.models.release import to_hdm_release
+from homediff.hdm_release import to_hdm_release
 
 
 @pytest.fixture

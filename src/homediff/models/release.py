@@ -1,5 +1,6 @@
-"""The original HDM checkpoints: loading them (released single files, Lightning checkpoints, bare
-dicts) and writing a homediff model in the released single file's layout (``to_hdm_release``).
+"""The original HDM backbone's tensors: loading them from released single files, Lightning
+checkpoints and bare dicts into an XUT, and the arch JSON. The released file as a whole (the VAE and
+text encoder beside the backbone, reading and writing it) is ``homediff.hdm_release``'s.
 
 Backbone keys come bare or under the prefixes ``unet.model.`` (single-file release and Lightning
 checkpoints) or ``model.`` (a diffusers transformer folder). The VAE (``vae.*``, ``vae_mean``,
@@ -15,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from homediff.errors import CheckpointError, ConfigError
-from homediff.models import lora
+from homediff.errors import CheckpointError
 from homediff.models.xut import XUT, XUTConfig
 
 logger = logging.getLogger(__name__)
@@ -148,40 +148,3 @@ def loads_in_hdm_ext(config: XUTConfig) -> bool:
     with torch.device("meta"):
         own, base = (XUT(c).state_dict() for c in (config, XUTConfig.preset("xut-base")))
     return {k: v.shape for k, v in own.items()} == {k: v.shape for k, v in base.items()}
-
-
-def to_hdm_release(backbone: XUT, vae: dict[str, torch.Tensor], vae_mean: torch.Tensor,
-                   vae_std: torch.Tensor, text_encoder: dict[str, torch.Tensor] | None = None,
-                   dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors of an original HDM single file (hdm-spec §7.1) and its arch JSON.
-
-    The backbone goes under ``unet.model.``, a diffusers AutoencoderKL state dict under ``vae.``
-    with the latent statistics ``vae_mean``/``vae_std`` as (1, C, 1, 1), and a Qwen3 text
-    encoder's state dict, if given, under ``te.text_models.0.``. Weights are cast to ``dtype``
-    (the original's converter writes float16); the statistics and the ``time_emb.freqs`` table
-    stay float32. Adapters must be fused into the backbone first: the original has no LoRA.
-    """
-    arch = backbone.config.to_hdm_config()
-    if not backbone.config.aspect_embedding:
-        raise ConfigError("the backbone has no aspect embedding (model.aspect_embedding = false): the "
-                          "original code passes the aspect ratio to every forward pass, which fails "
-                          "without it (addon_info_embs_dim null); only a model trained with the "
-                          "aspect embedding can be exported")
-    state = lora.base_state(backbone)
-    if len(state) != len(backbone.state_dict()) and not lora.is_fused(backbone):
-        raise ConfigError("the backbone holds LoRA adapters that are not fused: fuse them first "
-                          "(the original HDM code cannot apply them)")
-
-    def cast(value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().cpu()
-        return (value.to(dtype) if value.is_floating_point() else value).contiguous()
-
-    tensors = {f"unet.model.{k}": cast(v) for k, v in state.items()}
-    for name in DERIVED_BUFFERS:
-        tensors[f"unet.model.{name}"] = state[name].detach().cpu().float().contiguous()
-    tensors |= {f"vae.{k}": cast(v) for k, v in vae.items()}
-    for name, value in (("vae_mean", vae_mean), ("vae_std", vae_std)):
-        tensors[name] = value.detach().cpu().float().reshape(1, -1, 1, 1).contiguous()
-    if text_encoder is not None:
-        tensors |= {f"te.text_models.0.{k}": cast(v) for k, v in text_encoder.items()}
-    return tensors, arch

@@ -5,7 +5,7 @@
 - a homediff ``model.safetensors`` (the single file a run writes): the backbone;
 - a released HDM file or a Lightning checkpoint (``init.arch``: its arch JSON, default XUT-base):
   the backbone, and the file's ``vae.*`` and ``te.*`` tensors in the config's autoencoder and text
-  encoder when it holds them (as ``HomeDiffPipeline.from_hdm_release`` loads it).
+  encoder when it holds them (``hdm_release.read_release``).
 
 The backbone the config describes must fit the weights exactly: a mismatch names the keys and
 shapes. A resume loads these weights again, then the checkpoint's on top (a LoRA checkpoint holds
@@ -27,7 +27,8 @@ from homediff.encoders.text import TextEncoder
 from homediff.models import XUT, load_hdm_state_dict
 from homediff.models.backbone_file import is_backbone_file
 from homediff.models.release import read_state_dict
-from homediff.pipeline import HomeDiffPipeline, is_pipeline_folder
+from homediff.hdm_release import ReleaseParts, read_release
+from homediff.pipeline import is_pipeline_folder
 from homediff.training.config import TrainConfig
 
 
@@ -45,12 +46,12 @@ def init_source(config: TrainConfig) -> tuple[str, Path] | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _release(path: Path, text_encoder: str, vae: str, arch: str, options: str) -> HomeDiffPipeline:
-    return HomeDiffPipeline.from_hdm_release(path, text_encoder=text_encoder, vae=vae, arch=arch or None,
-                                             text_encoder_options=json.loads(options))
+def _release(path: Path, text_encoder: str, vae: str, arch: str, options: str) -> ReleaseParts:
+    return read_release(path, text_encoder=text_encoder, vae=vae, arch=arch or None,
+                        text_encoder_options=json.loads(options))
 
 
-def _release_pipeline(config: TrainConfig, path: Path) -> HomeDiffPipeline:
+def _release_parts(config: TrainConfig, path: Path) -> ReleaseParts:
     options = json.dumps(dataclasses.asdict(config.text_encoder.options), sort_keys=True)
     return _release(path, config.text_encoder.name, config.autoencoder.name, config.init.arch, options)
 
@@ -63,7 +64,7 @@ def init_text_encoder(config: TrainConfig) -> TextEncoder | None:
     if kind == "folder":
         return TextEncoder.from_pretrained(path / "text_encoder",
                                            **dataclasses.asdict(config.text_encoder.options))
-    return _release_pipeline(config, path).text_encoder
+    return _release_parts(config, path).text_encoder
 
 
 def init_autoencoder(config: TrainConfig) -> Autoencoder | None:
@@ -71,15 +72,15 @@ def init_autoencoder(config: TrainConfig) -> Autoencoder | None:
     if source is None or source[0] == "single":
         return None
     kind, path = source
-    return load_autoencoder(path / "vae") if kind == "folder" else _release_pipeline(config, path).vae
+    return load_autoencoder(path / "vae") if kind == "folder" else _release_parts(config, path).vae
 
 
 def load_backbone(model: XUT, config: TrainConfig) -> XUT:
     """Copy the ``init.from`` backbone into ``model`` (built from the config), exactly. The
-    released pipeline read for it is let go afterwards (its backbone would be a second copy)."""
+    released parts read for it are let go afterwards (its backbone would be a second copy)."""
     kind, path = init_source(config)
     if kind == "release":
-        state = _release_pipeline(config, path).transformer.state_dict()
+        state = _release_parts(config, path).transformer.state_dict()
         _release.cache_clear()
     else:
         state = read_state_dict(path / "transformer" / "diffusion_pytorch_model.safetensors"

@@ -135,7 +135,7 @@ def run_export(args) -> int:
     from homediff.atomic import write_atomically
     from homediff.encoders.autoencoders import KLAutoencoder
     from homediff.errors import ConfigError
-    from homediff.models.release import to_hdm_release
+    from homediff.hdm_release import to_hdm_release
     from homediff.pipeline import HomeDiffPipeline
     from homediff.precision import DTYPES
 

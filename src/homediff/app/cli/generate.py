@@ -56,7 +56,8 @@ def load_pipeline(args):
     adapters, on ``--device`` in ``--dtype``; ``homediff ui`` uses it too."""
     from homediff import hub
     from homediff.models.backbone_file import is_backbone_file
-    from homediff.pipeline import RELEASE_TEXT_ENCODER, HomeDiffPipeline, is_pipeline_folder
+    from homediff.hdm_release import RELEASE_TEXT_ENCODER
+    from homediff.pipeline import HomeDiffPipeline, is_pipeline_folder
     from homediff.precision import resolve_device
 
     model = hub.resolve(args.model, "--model")
