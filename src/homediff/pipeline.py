@@ -266,40 +266,21 @@ class HomeDiffPipeline:
         if prompt is None:
             raise ConfigError("give a prompt (or prompt_embeds)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = _negatives(negative_prompt, len(prompts))
         height = self.sample_size if height is None else height
         width = self.sample_size if width is None else width
-        self.check_size(height, width)
-        if output_type not in OUTPUT_TYPES:
-            raise ConfigError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ConfigError("num_images_per_prompt must be a positive integer, "
-                              f"got {num_images_per_prompt!r}")
+        _check_call(self, height, width, output_type, num_images_per_prompt, tread_gamma, guidance_scale)
         solve = get_sampler(sampler)
         ts = time_grid(num_inference_steps, shift, self.device)
-        check_rates(tread_gamma)
-        check_scale(guidance_scale)
-
         generator = _per_image(generator, len(prompts) * num_images_per_prompt)
-
-        with self._running(self.text_encoder):
-            cond = self.text_encoder.encode(prompts) if prompt_embeds is None else prompt_embeds
-            uncond = None
-            if guidance_scale != 1:
-                uncond = self.text_encoder.encode(negatives) if negative_prompt_embeds is None \
-                    else negative_prompt_embeds
+        cond, uncond = self._text_states(prompts, _negatives(negative_prompt, len(prompts)),
+                                         guidance_scale != 1, prompt_embeds, negative_prompt_embeds)
         cond = cond.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
         if uncond is not None:
             uncond = uncond.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
         denoise = self.denoiser(cond, uncond, height=height, width=width,
                                 guidance_scale=guidance_scale, camera=camera,
                                 tread_gamma=tread_gamma, generator=generator)
-        start = self.noise(cond.shape[0], height, width, generator)
-        if latents is not None:
-            if latents.shape != start.shape:
-                raise ConfigError(f"latents must have the shape {tuple(start.shape)} for this request, "
-                                  f"got {tuple(latents.shape)}")
-            start = latents.to(self.device, torch.float32)
+        start = self._start(cond.shape[0], height, width, generator, latents)
         with self._running(self.transformer), self._progress_bar(num_inference_steps) as bar:
             def on_step(k, t, x):
                 bar.update(1)
@@ -309,11 +290,32 @@ class HomeDiffPipeline:
                 returned = callback_on_step_end(self, k, t, given) or {}
                 return returned.get("latents")
             final = solve(denoise, start, ts, callback=on_step)
-        if output_type == "latent":
-            return PipelineOutput(final) if return_dict else (final,)
-        with self._running(self.vae):
-            images = _convert(((self.vae.decode(final) + 1) / 2).clamp(0, 1).cpu(), output_type)
-        return PipelineOutput(images) if return_dict else (images,)
+        if output_type != "latent":
+            with self._running(self.vae):
+                final = _convert(((self.vae.decode(final) + 1) / 2).clamp(0, 1).cpu(), output_type)
+        return PipelineOutput(final) if return_dict else (final,)
+
+    def _start(self, count: int, height: int, width: int, generator, latents) -> torch.Tensor:
+        """The starting noise: drawn (``noise``), or the ``latents`` given, checked to fit."""
+        start = self.noise(count, height, width, generator)
+        if latents is None:
+            return start
+        if latents.shape != start.shape:
+            raise ConfigError(f"latents must have the shape {tuple(start.shape)} for this request, "
+                              f"got {tuple(latents.shape)}")
+        return latents.to(self.device, torch.float32)
+
+    def _text_states(self, prompts: list[str], negatives: list[str], guided: bool, prompt_embeds,
+                     negative_prompt_embeds) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditional text states, and the unconditional ones when ``guided``: encoded, or
+        the embeddings given in their place."""
+        with self._running(self.text_encoder):
+            cond = self.text_encoder.encode(prompts) if prompt_embeds is None else prompt_embeds
+            if not guided:
+                return cond, None
+            if negative_prompt_embeds is not None:
+                return cond, negative_prompt_embeds
+            return cond, self.text_encoder.encode(negatives)
 
     def _progress_bar(self, total: int):
         from tqdm.auto import tqdm  # comes with transformers and diffusers
@@ -477,6 +479,19 @@ def load_transformer(folder: str | Path) -> XUT:
     except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"{folder}: cannot read ({err})") from err
     return load_hdm_state_dict(XUT(config), state, str(folder))
+
+
+def _check_call(pipe, height: int, width: int, output_type: str, num_images_per_prompt,
+                tread_gamma, guidance_scale: float) -> None:
+    """Refuse a call's sizes, output type, image count, routing rates or guidance scale."""
+    pipe.check_size(height, width)
+    if output_type not in OUTPUT_TYPES:
+        raise ConfigError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ConfigError("num_images_per_prompt must be a positive integer, "
+                          f"got {num_images_per_prompt!r}")
+    check_rates(tread_gamma)
+    check_scale(guidance_scale)
 
 
 def _per_image(generator, count: int):

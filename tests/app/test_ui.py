@@ -18,7 +18,7 @@ from PIL import Image
 from tiny_components import tiny_pipeline_folder
 
 from homediff.app.cli import main
-from homediff.app.ui import serve
+from homediff.app.cli.ui import serve_args
 from homediff.generation import GenerationRequest, sample
 from homediff.pipeline import HomeDiffPipeline
 
@@ -48,7 +48,7 @@ def page(model_dir):
     args = argparse.Namespace(model=Path("model"), host="127.0.0.1", port=free_port(), max_pixels=32 * 32,
                               max_steps=8, max_images=2, lora=[], device=None, dtype="float32",
                               text_encoder=None, vae=None, arch=None, background=True)
-    app = serve(args)
+    app = serve_args(args)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -143,7 +143,7 @@ def test_the_page_serves_this_machine_only_unless_told(monkeypatch, caplog):
     monkeypatch.setattr("homediff.app.cli.generate.load_pipeline", lambda args: (_ for _ in ()).throw(
         RuntimeError("stop before loading")))
     with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="stop before loading"):
-        ui.serve(build_parser().parse_args(["ui", "--model", "m", "--host", "0.0.0.0"]))
+        serve_args(build_parser().parse_args(["ui", "--model", "m", "--host", "0.0.0.0"]))
     assert "anyone who can reach this address can use the model" in caplog.text
 
 
@@ -167,7 +167,7 @@ def test_dtype_is_the_transformers_precision_and_in_the_command(model_dir, monke
             return None
     monkeypatch.setattr(ui, "build_app", lambda studio: studios.append(studio) or Page())
     with measured_with(lambda shape, device: speedup):
-        ui.serve(build_parser().parse_args(["ui", "--model", str(model_dir), "--dtype", dtype]))
+        serve_args(build_parser().parse_args(["ui", "--model", str(model_dir), "--dtype", dtype]))
     [studio] = studios
     assert next(studio.pipe.transformer.parameters()).dtype == expected
     request = studio.request_of(dict(prompt="a cat", negative="", steps=2, cfg=3.0, seed=1, width=16,

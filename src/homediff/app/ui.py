@@ -10,13 +10,13 @@ limits (pixels, steps, images per request) give a message in the page.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from homediff.extras import require
 from homediff.generation import GenerationRequest, sample, save_png
@@ -168,21 +168,19 @@ def build_app(studio: Studio):
     return app
 
 
-def serve(args: argparse.Namespace):
-    """Load the model and serve the page (until interrupted; with ``args.background``, return the
-    running app)."""
-    from homediff.app.cli.generate import load_pipeline
-
-    if not ipaddress.ip_address(_resolve(args.host)).is_loopback:
+def serve(load: Callable[[], Any], loading: dict, limits: Limits, host: str = "127.0.0.1",
+          port: int = 7860, background: bool = False):
+    """Load the pipeline (``load()``) and serve its page at http://HOST:PORT, until interrupted;
+    with ``background``, return the running app. ``loading``: the model-loading options as given
+    (``LOADING``), which the page's command lines repeat."""
+    if not ipaddress.ip_address(_resolve(host)).is_loopback:
         logger.warning("serving on %s: anyone who can reach this address can use the model; the "
-                       "default 127.0.0.1 serves only this machine", args.host)
-    limits = Limits(args.max_pixels, args.max_steps, args.max_images)
+                       "default 127.0.0.1 serves only this machine", host)
     out = Path(tempfile.mkdtemp(prefix="homediff-ui-"))
-    loading = {name: getattr(args, name) for name in LOADING}
-    app = build_app(Studio(load_pipeline(args), loading, limits, out))
+    app = build_app(Studio(load(), loading, limits, out))
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out)],
-               prevent_thread_lock=args.background)
+    app.launch(server_name=host, server_port=port, allowed_paths=[str(out)],
+               prevent_thread_lock=background)
     return app
 
 

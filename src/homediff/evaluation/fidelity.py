@@ -111,6 +111,23 @@ def _mean(values: torch.Tensor) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
+def _fid(images: torch.Tensor, settings: EvalSettings, net, references) -> dict:
+    """FID of the generated images against the references' Inception features (as they are, and
+    at the model's resolution)."""
+    generated = embed(list(images), settings, net, "generated images for FID")
+    return {"weights": settings.inception_weights, **_distances(generated, *references)}
+
+
+def _clip_score(clip, images: torch.Tensor, prompts: list[str], tiles: list[torch.Tensor],
+                captions: list[str], picks: dict, weights: str) -> dict:
+    """The CLIP score of each split's generated images with their prompts, beside the same for the
+    reference images with their captions (the ceiling)."""
+    scores, ref_scores = clip(images, prompts), clip(torch.stack(tiles), captions)
+    return {"weights": weights} | {
+        name: {"generated": _mean(scores[pick]), "ceiling": _mean(ref_scores[ref_pick])}
+        for name, (pick, ref_pick) in picks.items()}
+
+
 def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = None,
                       out: str | Path | None = None) -> dict:
     """Prompt fidelity and FD-EffNetLite0 of a pipeline on a data folder, with FID and the CLIP
@@ -158,17 +175,11 @@ def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = No
                         "ceiling": topk_accuracy(ceiling[ref_pick])}
     report["fd"] = {"name": FD_NAME, **_distances(generated, references, round_trip),
                     "feature_size": settings.feature_size}
-    report["fid"] = report["clip_score"] = None
-    if fid_net:
-        fid_generated = embed(list(images), settings, fid_net, "generated images for FID")
-        report["fid"] = {"weights": settings.inception_weights,
-                         **_distances(fid_generated, *fid_refs)}
+    report["fid"] = _fid(images, settings, fid_net, fid_refs) if fid_net else None
+    report["clip_score"] = None
     if clip:
-        scores = clip(images, prompts)
-        ref_scores = clip(torch.stack(tiles), [c for c, _ in evaluated])
-        report["clip_score"] = {"weights": settings.clip} | {
-            name: {"generated": _mean(scores[pick]), "ceiling": _mean(ref_scores[ref_pick])}
-            for name, (pick, ref_pick) in picks.items()}
+        report["clip_score"] = _clip_score(clip, images, prompts, tiles, [c for c, _ in evaluated],
+                                           picks, settings.clip)
     report["seconds"] = {"references": round(referenced - started, 1),
                          "generation": round(generated_at - referenced, 1),
                          "total": round(time.perf_counter() - started, 1)}

@@ -208,6 +208,18 @@ def single_stage(config: TrainConfig, index: int, micro_batch: int) -> tuple[Tra
     return one, changes
 
 
+def _timed_load(trainer, path: Path) -> float:
+    """Seconds to read a checkpoint back into the trainer's model and EMA."""
+    from homediff.training.checkpoint import Checkpoint
+
+    start = time.perf_counter()
+    checkpoint = Checkpoint.load(path)
+    trainer.unwrapped.load_state_dict(checkpoint.model)
+    if trainer.ema and checkpoint.ema:
+        trainer.ema.load_state_dict(checkpoint.ema)
+    return time.perf_counter() - start
+
+
 def rehearse_stage(config: TrainConfig, index: int, steps: int, micro_batch: int | None,
                    run_dir: Path) -> dict:
     """Train stage ``index`` for ``steps`` optimiser steps, write and read a checkpoint; the
@@ -216,7 +228,6 @@ def rehearse_stage(config: TrainConfig, index: int, steps: int, micro_batch: int
 
     from homediff.planning import standins
     from homediff.planning.memory import estimate_memory
-    from homediff.training.checkpoint import Checkpoint
     from homediff.training.components import Builders
     from homediff.training.loop import Trainer
     from homediff.training.monitor import Monitor
@@ -251,17 +262,12 @@ def rehearse_stage(config: TrainConfig, index: int, steps: int, micro_batch: int
 
     trainer.save_checkpoint = timed_write
     trainer.run()
-    start = time.perf_counter()
-    checkpoint = Checkpoint.load(saved["path"])
-    trainer.unwrapped.load_state_dict(checkpoint.model)
-    if trainer.ema and checkpoint.ema:
-        trainer.ema.load_state_dict(checkpoint.ema)
-    load_seconds = time.perf_counter() - start
+    load_seconds = _timed_load(trainer, saved["path"])
     samples = stage.batch_size * stage.grad_accum
-    estimate = estimate_memory(one, 0, micro_batch=micro_batch, device=device.type,
-                               precisions=dataclasses.asdict(trainer.precision))
+    precision = dataclasses.asdict(trainer.precision)
+    estimate = estimate_memory(one, 0, micro_batch=micro_batch, device=device.type, precisions=precision)
     return {"micro_batch": micro_batch, "grad_accum": stage.grad_accum, "steps": steps,
-            "device": str(device), "precision": dataclasses.asdict(trainer.precision), "changes": changes,
+            "device": str(device), "precision": precision, "changes": changes,
             "measured": {
                 "seconds_per_sample": ((stamps[-1] - stamps[0]) / ((len(stamps) - 1) * samples)
                                        if len(stamps) > 1 else None),

@@ -12,7 +12,12 @@ from pathlib import Path
 def register(commands) -> None:
     data = commands.add_parser("data", help="prepare and check image-caption datasets")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _register_input(actions)
+    _register_builders(actions)
 
+
+def _register_input(actions) -> None:
+    """Commands on a user's data: pack it into shards, check every sample."""
     pack = actions.add_parser("pack", help="write a folder dataset as WebDataset tar shards")
     pack.add_argument("folder", type=Path, help="images with same-stem .txt captions")
     pack.add_argument("out", type=Path, help="folder for shard-000000.tar, ...")
@@ -40,6 +45,9 @@ def register(commands) -> None:
     check.add_argument("--summary", action="store_true", help="print only the counts")
     check.set_defaults(run=run_check)
 
+
+def _register_builders(actions) -> None:
+    """Commands that build the built-in data sets (``homediff.datasets``)."""
     emoji = actions.add_parser("emoji", help="build the built-in emoji dataset (OpenMoji, offline)")
     emoji.add_argument("out", type=Path, help="new folder for train/, heldout/ and split.json")
     emoji.add_argument("--size", type=int, default=64, help="image side in pixels (64)")

@@ -20,7 +20,15 @@ def register(commands) -> None:
 
 
 def run(args) -> int:
-    from homediff.app.ui import serve
-
-    serve(args)
+    serve_args(args)
     return 0
+
+
+def serve_args(args):
+    """Serve the page as the command line asks; returns the app (running, with ``args.background``)."""
+    from homediff.app.cli.generate import load_pipeline
+    from homediff.app.ui import LOADING, Limits, serve
+
+    return serve(lambda: load_pipeline(args), {name: getattr(args, name) for name in LOADING},
+                 Limits(args.max_pixels, args.max_steps, args.max_images), args.host, args.port,
+                 args.background)
