@@ -47,6 +47,30 @@ def test_retrieval_is_perfect_on_the_gallery_itself_and_chance_on_random_queries
     assert top5 == pytest.approx(5 / 50, abs=0.015)
 
 
+def test_pixel_features_compare_images_by_their_correlation():
+    """Cosine similarity of pixel features is the Pearson correlation of the downsampled images:
+    1 for an image and a brighter, more contrasted copy, −1 for its negative, near 0 for noise."""
+    from homediff.evaluation.fidelity import pixel_net
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    other = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    features = pixel_net(8).extract(torch.cat([image, 0.5 * image + 0.2, -image, other]).double())
+    assert features.shape == (4, 3 * 8 * 8)
+    cos = torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(features, dim=1).T
+    pooled = torch.nn.functional.avg_pool2d(torch.cat([image, other]).double(), 4).flatten(1)
+    assert cos[0, 1] == pytest.approx(1.0, abs=1e-12) and cos[0, 2] == pytest.approx(-1.0, abs=1e-12)
+    assert cos[0, 3] == pytest.approx(torch.corrcoef(pooled)[0, 1].item(), abs=1e-12)
+
+
+def test_one_off_captions_are_those_whose_base_has_no_variant():
+    from homediff.evaluation.common import one_off_captions
+
+    known = ["medal", "woman", "woman: dark skin tone", "woman: light skin tone", "plug", "flag: France",
+             "flag: Japan"]
+    assert one_off_captions(["medal", "woman: dark skin tone", "woman", "flag: Japan", "plug"], known) == {
+        "medal", "plug"}
+
+
 def test_frechet_distance_of_gaussians():
     generator = torch.Generator().manual_seed(0)
     a = (torch.randn(4000, 8, generator=generator, dtype=torch.float64)
@@ -134,8 +158,11 @@ def test_fidelity_of_a_model_that_returns_the_references(shapes_data, tmp_path):
                                         out=tmp_path)
     assert pipe.calls[0]["num_inference_steps"] == 3 and pipe.calls[0]["output_type"] == "pt"
     for split, captions in (("seen", 10), ("heldout", 4)):
-        assert report[split]["captions"] == report[split]["images"] == captions
-        assert report[split]["topk"][0] == report[split]["ceiling"][0] == 1.0
+        for found in (report, report["pixels"]):  # EfficientNet features, then pixels
+            assert found[split]["captions"] == found[split]["images"] == captions
+            assert found[split]["topk"][0] == found[split]["ceiling"][0] == 1.0
+    # shapes captions share no base: every seen caption is one-off
+    assert report["seen_one_off"]["captions"] == 10 and report["seen_variants"]["captions"] == 0
     gallery = report["gallery"]["captions"]
     assert 14 <= gallery <= 14 + 8 and report["chance"][4] == pytest.approx(5 / gallery)
     assert report["fd"]["generated"] == pytest.approx(report["fd"]["round_trip"], abs=1e-3)
@@ -146,13 +173,16 @@ def test_fidelity_of_a_model_that_returns_the_references(shapes_data, tmp_path):
     table = (tmp_path / "eval.md").read_text()
     assert "| top-1 retrieval | 100.0% ± 0.0 | 100.0% | 100.0% ± 0.0 | 100.0% |" in table
     assert "FD-EffNetLite0" in table and "not FID" in table
+    assert "by the images' pixels at 16×16" in table
+    assert "| top-5, seen one-off (10 captions) | 100.0% ± 0.0 | 100.0% | | | " in table
 
 
 def test_noise_is_far_from_the_references(shapes_data):
     report = evaluate.evaluate_fidelity(Oracle(shapes_data, noise=True), shapes_data,
                                         EvalSettings(**{**FAST, "per_caption": 2}))
     assert report["seen"]["images"] == 20
-    assert report["seen"]["topk"][0] <= 0.3 and report["heldout"]["topk"][0] <= 0.5
+    for found in (report, report["pixels"]):
+        assert found["seen"]["topk"][0] <= 0.3 and found["heldout"]["topk"][0] <= 0.5
     assert report["fd"]["generated"] > 10 * max(report["fd"]["round_trip"], 1.0)
 
 

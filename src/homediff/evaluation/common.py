@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,14 @@ def choose_captions(train: dict, held: dict, settings: EvalSettings):
         ranked = sorted(pool, key=lambda item: -len(words & item[1]) / len(words | item[1]))
         chosen.update(c for c, _ in ranked[:settings.distractors])
     return seen, heldout, sorted(chosen - set(seen))
+
+
+def one_off_captions(captions: list[str], known: list[str]) -> set[str]:
+    """The captions whose base (the text before a ":", as in "woman: dark skin tone") no other
+    caption of ``known`` shares: one-off objects, where the rest come in variants (skin tones)
+    that share most of their picture."""
+    bases = Counter(caption.split(":")[0].strip() for caption in set(known))
+    return {c for c in captions if bases[c.split(":")[0].strip()] <= 1}
 
 
 def spread_captions(captions, count: int) -> list[str]:

@@ -35,7 +35,7 @@ import torch
 from homediff.caching import MemoryCache, cache_key, tensor_file_cache, user_cache_dir
 from homediff.evaluation import effnet, inception
 from homediff.evaluation.clip_score import load_clip
-from homediff.evaluation.common import EvalSettings, generate, load_image, select
+from homediff.evaluation.common import EvalSettings, generate, load_image, one_off_captions, select
 from homediff.evaluation.metrics import (TOPK, caption_ranks, frechet_distance, topk_accuracy,
                                          topk_standard_error)
 from homediff.evaluation.report import sample_rows, write_report
@@ -43,6 +43,7 @@ from homediff.evaluation.report import sample_rows, write_report
 logger = logging.getLogger(__name__)
 
 FD_NAME = "FD-EffNetLite0"
+PIXEL_SIDE = 16  # the pixel retrieval's side: emoji and shapes stay recognisable at 16²
 
 
 @dataclass
@@ -111,6 +112,37 @@ def _mean(values: torch.Tensor) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
+def pixel_net(side: int) -> FeatureNet:
+    """Retrieval with no learned features: an image's features are its pixels downsampled to
+    ``side``² (area averaging) less their mean, so that cosine similarity is the images' Pearson
+    correlation at that size."""
+    def extract(batch: torch.Tensor) -> torch.Tensor:
+        flat = torch.nn.functional.interpolate(batch, size=(side, side), mode="area").flatten(1)
+        return flat - flat.mean(1, keepdim=True)
+    return FeatureNet(("pixels", side), extract)
+
+
+def _picks(prompts: list[str], evaluated: list[tuple], split: set) -> tuple[list[int], list[int]]:
+    """Which generated images, and which round-tripped references, belong to ``split``'s captions."""
+    return ([i for i, c in enumerate(prompts) if c in split],
+            [i for i, (c, _) in enumerate(evaluated) if c in split])
+
+
+def _retrieval(generated, round_trip, gallery, gallery_captions: list[str], prompts: list[str],
+               evaluated: list[tuple], splits: dict[str, set]) -> dict:
+    """Top-k caption retrieval of each split's generated images (with its standard error) and of
+    its round-tripped references (the ceiling), by one kind of feature."""
+    ranks = caption_ranks(generated, prompts, gallery, gallery_captions)
+    ceiling = caption_ranks(round_trip, [c for c, _ in evaluated], gallery, gallery_captions)
+    found = {}
+    for name, split in splits.items():
+        pick, ref_pick = _picks(prompts, evaluated, split)
+        found[name] = {"captions": len(split), "images": len(pick), "topk": topk_accuracy(ranks[pick]),
+                       "topk_se": topk_standard_error(ranks[pick], [prompts[i] for i in pick]),
+                       "ceiling": topk_accuracy(ceiling[ref_pick])}
+    return found
+
+
 def _fid(images: torch.Tensor, settings: EvalSettings, net, references) -> dict:
     """FID of the generated images against the references' Inception features (as they are, and
     at the model's resolution)."""
@@ -162,17 +194,16 @@ def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = No
               "gallery": {"captions": len(refs), "images": len(gallery_captions),
                           "distractors": len(distractors)},
               "chance": [min(k / len(refs), 1.0) for k in range(1, TOPK + 1)]}
-    ranks = caption_ranks(generated, prompts, gallery, gallery_captions)
-    ceiling = caption_ranks(round_trip, [c for c, _ in evaluated], gallery, gallery_captions)
-    picks = {}
-    for name, split in (("seen", set(seen)), ("heldout", set(heldout))):
-        pick = [i for i, c in enumerate(prompts) if c in split]
-        ref_pick = [i for i, (c, _) in enumerate(evaluated) if c in split]
-        picks[name] = pick, ref_pick
-        report[name] = {"captions": len(split), "images": len(pick),
-                        "topk": topk_accuracy(ranks[pick]),
-                        "topk_se": topk_standard_error(ranks[pick], [prompts[i] for i in pick]),
-                        "ceiling": topk_accuracy(ceiling[ref_pick])}
+    one_off = one_off_captions(seen, list(train) + list(held))
+    splits = {"seen": set(seen), "heldout": set(heldout), "seen_one_off": one_off,
+              "seen_variants": set(seen) - one_off}
+    report |= _retrieval(generated, round_trip, gallery, gallery_captions, prompts, evaluated, splits)
+    pixels = pixel_net(PIXEL_SIDE)
+    report["pixels"] = {"side": PIXEL_SIDE, **_retrieval(
+        pixels.extract(images), reference_features([p for _, p in evaluated], size, settings, pixels),
+        reference_features([p for paths in refs.values() for p in paths], None, settings, pixels),
+        gallery_captions, prompts, evaluated, splits)}
+    picks = {name: _picks(prompts, evaluated, splits[name]) for name in ("seen", "heldout")}
     report["fd"] = {"name": FD_NAME, **_distances(generated, references, round_trip),
                     "feature_size": settings.feature_size}
     report["fid"] = _fid(images, settings, fid_net, fid_refs) if fid_net else None

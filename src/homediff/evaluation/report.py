@@ -39,14 +39,29 @@ def markdown(report: dict) -> str:
         return (f"Composition read back by the shapes checker at {report['resolution']} px\n\n"
                 + head + "\n".join(rows) + "\n\n| caption kind: all properties right | seen | "
                 "held-out |\n|---|---:|---:|\n" + "\n".join(kinds) + "\n")
-    rows = [f"| top-{k} retrieval | {_pct(s['topk'][k - 1], s['topk_se'][k - 1])} | "
-            f"{_pct(s['ceiling'][k - 1])} | {_pct(h['topk'][k - 1], h['topk_se'][k - 1])} | "
-            f"{_pct(h['ceiling'][k - 1])} | "
-            f"{_pct(report['chance'][k - 1])} |" for k in (1, 5)]
+    pixels = report["pixels"]
     return (f"Prompt fidelity at {report['resolution']} px: caption retrieval among "
             f"{report['gallery']['captions']} gallery captions "
-            f"({report['gallery']['distractors']} of them distractors)\n\n" + head
-            + "\n".join(rows) + "\n\n" + _standard_metrics(report))
+            f"({report['gallery']['distractors']} of them distractors), by EfficientNet-Lite0 "
+            f"features\n\n" + head + "\n".join(_retrieval_rows(report, report)) + "\n\n"
+            f"The same retrieval by the images' pixels at {pixels['side']}×{pixels['side']} "
+            "(correlation; no learned features, so no training signal can have fitted it)\n\n"
+            + head + "\n".join(_retrieval_rows(pixels, report)) + "\n\n" + _standard_metrics(report))
+
+
+def _retrieval_rows(found: dict, report: dict) -> list[str]:
+    """Top-1 and top-5 of seen and held-out captions, then top-5 of the seen captions that come in
+    variants (skin tones) and of the one-off ones."""
+    s, h = found["seen"], found["heldout"]
+    rows = [f"| top-{k} retrieval | {_pct(s['topk'][k - 1], s['topk_se'][k - 1])} | "
+            f"{_pct(s['ceiling'][k - 1])} | {_pct(h['topk'][k - 1], h['topk_se'][k - 1])} | "
+            f"{_pct(h['ceiling'][k - 1])} | {_pct(report['chance'][k - 1])} |" for k in (1, 5)]
+    for key, label in (("seen_variants", "with variants"), ("seen_one_off", "one-off")):
+        g = found[key]
+        rows.append(f"| top-5, seen {label} ({g['captions']} captions) | "
+                    f"{_pct(g['topk'][4], g['topk_se'][4])} | {_pct(g['ceiling'][4])} | | | "
+                    f"{_pct(report['chance'][4])} |")
+    return rows
 
 
 def _standard_metrics(report: dict) -> str:
