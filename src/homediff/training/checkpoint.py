@@ -117,6 +117,12 @@ def verify_checkpoint(path: str | Path) -> None:
             raise CheckpointError(f"{file}: its contents differ from the manifest's checksum (damaged)")
 
 
+def is_checkpoint_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint folder (``step-N`` with its manifest and progress)."""
+    path = Path(path)
+    return path.is_dir() and (path / MANIFEST).is_file() and (path / "progress.json").is_file()
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoint folders under root, oldest first."""
     root = Path(root)

@@ -1,7 +1,8 @@
 """What a run leaves when it ends, and the copies of its model that watching draws from: the EMA's
 weights (the trained ones without an EMA) in a pipeline folder ``model/``, the backbone alone in
 one file ``model.safetensors`` (``models.backbone_file``), and for a LoRA run its adapter in
-``lora.safetensors`` (the single file then holds the backbone with the adapter fused)."""
+``lora.safetensors`` (the single file then holds the backbone with the adapter fused). A checkpoint
+of a run that has not ended draws too (``pipeline_from_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from homediff.atomic import replace_folder, write_atomically
 from homediff.models import XUT, lora
 from homediff.models.backbone_file import save_backbone_file
 from homediff.training import sharding
-from homediff.training.components import lora_settings
-from homediff.training.config import TrainConfig
+from homediff.training.checkpoint import Checkpoint
+from homediff.training.components import Builders, lora_settings
+from homediff.training.config import TrainConfig, config_from_dict, parse_toml
+from homediff.training.run_state import load_trained_state
 
 
 def final_weights(model: nn.Module, fsdp: bool, ema) -> dict[str, torch.Tensor]:
@@ -42,6 +45,25 @@ def model_copy(model: XUT, weights: dict[str, torch.Tensor], config: TrainConfig
             lora.add_adapter(copied, settings, name)
     copied.to(device).load_state_dict(weights)
     return copied.eval()
+
+
+def pipeline_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
+    """A pipeline of a checkpoint folder's EMA weights (the trained ones without an EMA), with the
+    text encoder and autoencoder its config names, at the resolution of the stage it was saved in:
+    a run's progress, looked at before it ends."""
+    from homediff.pipeline import HomeDiffPipeline
+
+    path, device = Path(path), torch.device(device)
+    checkpoint = Checkpoint.load(path)
+    config = config_from_dict(parse_toml(checkpoint.config))
+    build = Builders()
+    text_encoder, autoencoder = build.text_encoder(config, device), build.autoencoder(config, device)
+    model = build.model(config, text_encoder, autoencoder, device)
+    load_trained_state(model, checkpoint, path, False, config)
+    weights = {**model.state_dict(), **(checkpoint.ema["shadow"] if checkpoint.ema else {})}
+    stage = config.stages[min(checkpoint.progress.stage, len(config.stages) - 1)]
+    return HomeDiffPipeline(model_copy(model, weights, config, device), text_encoder, autoencoder,
+                            sample_size=stage.resolution, adapters=adapters(config))
 
 
 def export_run(pipe, run_dir: Path, config: TrainConfig) -> Path:

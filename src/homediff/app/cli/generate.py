@@ -52,10 +52,13 @@ def register(commands) -> None:
 
 def load_pipeline(args):
     """The pipeline ``--model`` names (a folder; a run's single file with the encoders of the
-    folder beside it; or a released file with its text encoder and VAE), with the ``--lora``
+    folder beside it; a training checkpoint folder, its EMA weights with the encoders its config
+    names; or a released file with its text encoder and VAE), with the ``--lora``
     adapters, on ``--device`` in ``--dtype``; ``homediff ui`` uses it too."""
     from homediff import hub
     from homediff.models.backbone_file import is_backbone_file
+    from homediff.training.checkpoint import is_checkpoint_folder
+    from homediff.training.export import pipeline_from_checkpoint
     from homediff.hdm_release import RELEASE_TEXT_ENCODER
     from homediff.pipeline import HomeDiffPipeline, is_pipeline_folder
     from homediff.precision import resolve_device
@@ -65,6 +68,8 @@ def load_pipeline(args):
         pipe = HomeDiffPipeline.from_pretrained(model)
     elif is_backbone_file(model):
         pipe = HomeDiffPipeline.from_backbone_file(model)
+    elif is_checkpoint_folder(model):
+        pipe = pipeline_from_checkpoint(model)
     else:
         pipe = HomeDiffPipeline.from_hdm_release(
             model, text_encoder=args.text_encoder or RELEASE_TEXT_ENCODER, vae=args.vae, arch=args.arch)

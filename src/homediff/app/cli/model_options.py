@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_HELP = ("a saved pipeline folder, a run's model.safetensors (with the model/ folder beside "
-              "it), a released HDM checkpoint file, or a hub id of a folder or release "
-              "(owner/repo, owner/repo/file.safetensors)")
+              "it), a training checkpoint folder (RUN/checkpoints/step-N), a released HDM checkpoint "
+              "file, or a hub id of a folder or release (owner/repo, owner/repo/file.safetensors)")
 LORA_HELP = "apply a LoRA adapter file at SCALE (default 1); repeatable"
 
 
