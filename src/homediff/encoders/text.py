@@ -18,6 +18,7 @@ The offline default is all-MiniLM-L6-v2 (a 6-layer BERT, 384-d) from the PyPI pa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -124,6 +125,13 @@ class TextEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def with_options(self, **changes) -> "TextEncoder":
+        """This encoder under other options (a training stage's ``max_length``, say): a view that
+        shares the model, tokenizer and cache (its keys hold the length), the original unchanged."""
+        view = copy.copy(self)
+        view.config = dataclasses.replace(self.config, **changes)
+        return view
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "TextEncoder":
         """Move the model; without a ``dtype``, the configured one is chosen again for the new

@@ -30,7 +30,6 @@ trained ones without an EMA) are scored on held-out images (``training.validatio
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -101,6 +100,7 @@ class Trainer:
                              self.accelerator.wait_for_everyone)
         self.text_encoder = builders.text_encoder(config, self.device)
         self.autoencoder = builders.autoencoder(config, self.device)
+        self.stage_text_encoder = self.text_encoder  # each stage's view sets its text length
         model = builders.model(config, self.text_encoder, self.autoencoder, self.device)
         fitted = ""
         if saved:
@@ -152,7 +152,7 @@ class Trainer:
         index = self.progress.stage
         stage = self.config.stages[index]
         optimizer, total = self._start_stage(index, stage)
-        parts = Components(self.model, self.text_encoder, self.autoencoder, self.caches)
+        parts = Components(self.model, self.stage_text_encoder, self.autoencoder, self.caches)
         settings = LossSettings.of(self.config, stage, precision.DTYPES.get(self.precision.autocast))
         warmup, low = self.config.optimizer.warmup_steps, self.config.optimizer.min_lr_ratio
         started, first_step, bad_steps = self.clock(), self.progress.stage_step, 0
@@ -188,8 +188,8 @@ class Trainer:
 
     def _start_stage(self, index: int, stage: StageConfig) -> tuple[torch.optim.Optimizer, int]:
         """The stage's data stream, optimiser (restored on a resume) and length in steps."""
-        text = self.config.text_encoder.options
-        self.text_encoder.config = dataclasses.replace(text, max_length=stage.text_length)
+        # the stage's view of the text encoder: its text length, the shared encoder unchanged
+        self.stage_text_encoder = self.text_encoder.with_options(max_length=stage.text_length)
         self.stream = self.build.stream(self.config, index, self.device)
         self.held_out = None
         if self.config.train.val_every and self.accelerator.is_main_process:
@@ -325,16 +325,16 @@ class Trainer:
 
     # -- samples and export ------------------------------------------------------------------
 
-    def pipeline(self, weights: dict[str, torch.Tensor] | None = None):
+    def pipeline(self, weights: dict[str, torch.Tensor] | None = None, text_encoder=None):
         """A pipeline over a copy of the model holding ``weights``, by default the final ones
-        (the EMA's averages)."""
+        (the EMA's averages), with ``text_encoder``, by default the current stage's view."""
         from homediff.pipeline import HomeDiffPipeline
 
         weights = final_weights(self.unwrapped, self.fsdp, self.ema) if weights is None else weights
         stage = self.config.stages[min(self.progress.stage, len(self.config.stages) - 1)]
         return HomeDiffPipeline(model_copy(self.unwrapped, weights, self.config, self.device),
-                                self.text_encoder, self.autoencoder, sample_size=stage.resolution,
-                                adapters=adapters(self.config))
+                                text_encoder or self.stage_text_encoder, self.autoencoder,
+                                sample_size=stage.resolution, adapters=adapters(self.config))
 
     def _watch(self, parts: Components, settings: LossSettings, stage_end: bool) -> None:
         """The sample sheet every ``sample_every`` steps (``Monitor.samples``) and the held-out loss
@@ -363,9 +363,7 @@ class Trainer:
         weights = final_weights(self.unwrapped, self.fsdp, self.ema)
         if not self.accelerator.is_main_process:
             return None
-        pipe = self.pipeline(weights)
-        pipe.text_encoder.config = self.config.text_encoder.options
-        out = export_run(pipe, self.run_dir, self.config)
+        out = export_run(self.pipeline(weights, self.text_encoder), self.run_dir, self.config)
         self.monitor.finish(self.progress)
         self.monitor.say(f"done: pipeline folder {out}, single file {self.run_dir / 'model.safetensors'}")
         return out
