@@ -200,7 +200,7 @@ def evaluate_fidelity(pipe, data: str | Path, settings: EvalSettings | None = No
     report |= _retrieval(generated, round_trip, gallery, gallery_captions, prompts, evaluated, splits)
     pixels = pixel_net(PIXEL_SIDE)
     report["pixels"] = {"side": PIXEL_SIDE, **_retrieval(
-        pixels.extract(images), reference_features([p for _, p in evaluated], size, settings, pixels),
+        pixels.extract(images), pixels.extract(torch.stack(tiles)),  # tiles: the round trips
         reference_features([p for paths in refs.values() for p in paths], None, settings, pixels),
         gallery_captions, prompts, evaluated, splits)}
     picks = {name: _picks(prompts, evaluated, splits[name]) for name in ("seen", "heldout")}
