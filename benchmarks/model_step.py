@@ -12,7 +12,8 @@ width of its autoencoder and text encoder) at its first stage's batch, latent si
 adds them through torch.compile (compiled in the warm-up rounds, so the table holds compiled steps
 only; the compilation time is printed apart).
 --original DIR times the original HDM implementation too (DIR holds its ``xut`` package, e.g. the
-``src`` folder of a checkout of the HDM repository; needs an --hdm-config). Variants are timed in
+``src`` folder of a checkout of the HDM repository; needs an --hdm-config; with --bf16 the original is timed under the same autocast, as its
+training ran, and each speed-up compares like with like). Variants are timed in
 interleaved rounds and the median is reported, so that load on a shared machine hits all alike.
 """
 
@@ -121,8 +122,10 @@ def main() -> None:
         if arch is None:
             parser.error("--original needs --hdm-config")
         impls["original"] = original_model(args.original, arch)
+        if args.bf16:
+            impls["original, bf16 autocast"] = impls["original"]
     dims = (args.batch, args.size, args.text_tokens, config.ctx_dim, config.in_channels)
-    variants = {(name, mode, rate): make_step(model, name == "original", rate, mode == "train",
+    variants = {(name, mode, rate): make_step(model, name.startswith("original"), rate, mode == "train",
                                               name.endswith("bf16 autocast"), *dims)
                 for name, model in impls.items() for mode in ("forward", "train")
                 for rate in (0.0, 0.5)}
@@ -165,11 +168,14 @@ def main() -> None:
                 print(f"compiled / eager time, {mode}, routing {rate}: {compiled / plain:.2f}x "
                       f"(first call {first_calls[('homediff, compiled', mode, rate)]:.1f} s)")
     if args.original:
-        for mode in ("forward", "train"):
-            for rate in (0.0, 0.5):
-                ratio = statistics.median(times[("original", mode, rate)]) / statistics.median(
-                    times[("homediff", mode, rate)])
-                print(f"speed-up over the original, {mode}, routing {rate}: {ratio:.2f}x")
+        pairs = [("original", "homediff")] + [("original", "homediff, compiled")] * args.compile
+        pairs += [("original, bf16 autocast", "homediff, bf16 autocast")] * args.bf16
+        for original, ours in pairs:
+            for mode in ("forward", "train"):
+                for rate in (0.0, 0.5):
+                    ratio = statistics.median(times[(original, mode, rate)]) / statistics.median(
+                        times[(ours, mode, rate)])
+                    print(f"{ours} over {original}, {mode}, routing {rate}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

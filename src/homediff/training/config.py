@@ -190,7 +190,7 @@ class StageConfig:
 class TrainSection:
     seed: int = 0
     mixed_precision: str = "auto"  # "auto": GPUs bf16 (else fp16), CPUs bf16 where measured faster
-    compile: bool = False  # wrap the model in torch.compile
+    compile: bool | str = "auto"  # torch.compile: true, false, or "auto" where measured to pay
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # 0: keep all
@@ -215,6 +215,8 @@ class TrainSection:
 
     def __post_init__(self):
         _one_of(self.mixed_precision, ("auto", "no", "bf16", "fp16"), "mixed_precision")
+        _require(self.compile in (True, False, "auto"), "compile",
+                 f'must be true, false or "auto", got {self.compile!r}')
         _require(self.time_std >= 0, "time_std", f"must be >= 0, got {self.time_std}")
         _require(self.time_shift_base >= 0, "time_shift_base", f"must be >= 0, got {self.time_shift_base}")
         _require(0 <= self.contrastive_weight < 1, "contrastive_weight",

@@ -45,9 +45,10 @@ def shard_if_requested(model: nn.Module, config: TrainConfig, device: torch.devi
 
 def prepare_model(model: nn.Module, accelerator, config: TrainConfig, fsdp: bool) -> nn.Module:
     """The backbone as the loop trains it: wrapped for data parallelism (a sharded one already
-    is), and compiled with ``train.compile``."""
+    is), and compiled with ``train.compile = true`` ("auto" decides during the run:
+    ``training.compiling``)."""
     model = model if fsdp else accelerator.prepare_model(model)
-    return torch.compile(model) if config.train.compile else model
+    return torch.compile(model) if config.train.compile is True else model
 
 
 def build_caches(config: TrainConfig, run_dir: Path, rank: int) -> dict[str, TensorShards]:

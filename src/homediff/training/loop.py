@@ -44,6 +44,7 @@ from homediff.models.flops import train_step_flops
 from homediff.training import infrastructure, sharding
 from homediff.training.batches import step_batches
 from homediff.training.checkpoint import Checkpoint, Progress, rng_state
+from homediff.training.compiling import AutoCompile
 from homediff.training.components import Builders, Components
 from homediff.training.config import StageConfig, TrainConfig, to_toml
 from homediff.training.export import adapters, export_run, final_weights, model_copy
@@ -113,6 +114,7 @@ class Trainer:
         model, self.fsdp = infrastructure.shard_if_requested(model, config, self.device)
         self.ema = builders.ema(config, model)  # under FSDP over the shards: each averages its own
         self.model = infrastructure.prepare_model(model, self.accelerator, config, self.fsdp)
+        self.compiler = None  # the "auto" compile decision, made in the first stage trained
         self.caches = infrastructure.build_caches(config, self.run_dir, self.rank)
         infrastructure.warn_about_workers(config, self.device)
         self.progress = Progress(processes=self.accelerator.num_processes)
@@ -164,9 +166,11 @@ class Trainer:
                 set_lr(optimizer, stage.lr, lr_multiplier(self.progress.stage_step, total, warmup, low))
                 if not torch.isfinite(self.accelerator.reduce(loss, "mean")):
                     bad_steps = self._skip_step(optimizer, bad_steps + 1)
+                    self._switch_backbone(self.compiler and self.compiler.failed(), parts)
                     continue
                 bad_steps = 0
                 self._optimizer_step(optimizer, stage, loss)
+                self._compile_as_measured(parts, started, total)
                 if self.time_budget and self.progress.stage_step % REFIT_EVERY == 0:
                     total = self._fit_to_time_budget(started, first_step)
                 done = self.progress.stage_step >= total
@@ -256,6 +260,36 @@ class Trainer:
         self.progress.losses.append((self.progress.step, loss.item()))
         self.monitor.step(self.progress, loss.item(), optimizer.param_groups, grad_norm,
                           stage.batch_size * stage.grad_accum * self.accelerator.num_processes)
+
+    def _compile_as_measured(self, parts: Components, started: float, total: int) -> None:
+        """Feed ``train.compile = "auto"``'s decision (``training.compiling``) a finished step."""
+        if self.config.train.compile != "auto" or self.fsdp:
+            return
+        if self.compiler is None:
+            stage = self.config.stages[self.progress.stage]
+            depends_on = (self.unwrapped.config.to_dict(), stage.resolution, stage.batch_size,
+                          stage.grad_accum, stage.text_length, stage.tread_rate,
+                          self.accelerator.num_processes, self.precision.describe())
+            self.compiler = AutoCompile(depends_on, self.device, self._mean, self.monitor.say)
+
+        def seconds_left(step_seconds: float) -> float:
+            if self.time_budget:
+                return self.time_budget - (self.clock() - started)
+            steps = total - self.progress.stage_step
+            if self.max_steps is not None:
+                steps = min(steps, self.max_steps - self.progress.step)
+            return steps * step_seconds
+
+        if self.compiler.phase != "done":
+            self._switch_backbone(self.compiler.step_done(self.clock(), seconds_left), parts)
+
+    def _switch_backbone(self, to: str | None, parts: Components) -> None:
+        """Train on from here compiled (``to`` "compile") or eagerly ("eager"); None: as before."""
+        if to == "compile":
+            self.model = torch.compile(self.model)
+        elif to == "eager":
+            self.model = getattr(self.model, "_orig_mod", self.model)
+        parts.model = self.model
 
     def _stop_reason(self) -> str | None:
         """Why to stop now, the same on every process: a stop signal any of them has seen, or

@@ -1,0 +1,141 @@
+"""``train.compile``: torch.compile where it pays on this machine, decided by measurement.
+
+torch.compile fuses the backbone's small element-wise operations (the modulated normalisations,
+RoPE, SwiGLU, the residual gates) into generated kernels, which shortens a training step on CPUs
+and GPUs alike; but compiling takes tens of seconds, which a short run never earns back, and the
+gain differs by machine and model. ``"auto"`` (the default) therefore measures, within the run:
+
+1. ``WARMUP_STEPS`` steps, then ``EAGER_STEPS`` eager steps timed;
+2. the backbone is compiled when the time left (the stage's remaining steps at that pace, or the
+   time budget left) times the expected saving exceeds the expected compile time. Expected: what an
+   earlier run measured on this machine for this model and step (remembered in the user cache, like
+   the precisions), else ``PRIOR_SAVING`` and ``PRIOR_COMPILE_SECONDS``;
+3. the first compiled step compiles (its extra time is the compile time); the next
+   ``COMPILED_STEPS`` are timed, and the compiled backbone stays when its steps are at least
+   ``MIN_SPEEDUP`` times faster with finite losses. Otherwise training goes on eagerly, and the
+   measurement is remembered, so that the next run here does not try again.
+
+Every process takes the same decision (timings are averaged over processes), at the same step.
+The decision holds for the rest of the run (later stages recompile for their shapes). ``true``
+compiles from the first step, ``false`` never compiles.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from homediff.caching import cache_key, json_file_cache, user_cache_dir
+from homediff.precision import machine_key
+
+WARMUP_STEPS = 2  # first steps allocate and warm caches: not timed
+EAGER_STEPS = 6
+COMPILED_STEPS = 6
+#: Without a remembered measurement: compiled steps take this much less time, and compiling takes
+#: this long (the tiny recipe on a 2-core CPU measured about 0.2 and 45 s: benchmarks/RESULTS.md).
+PRIOR_SAVING = 0.15
+PRIOR_COMPILE_SECONDS = 60.0
+#: Compiled steps must be at least this much faster to be kept: below it a shared machine's noise
+#: could decide, and a compiled model is harder to debug for no real gain.
+MIN_SPEEDUP = 1.05
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What compiling did for one model and step on one machine."""
+
+    saving: float  # 1 - compiled step time / eager step time (negative: compiled is slower)
+    compile_seconds: float
+
+
+class AutoCompile:
+    """The ``"auto"`` decision, fed one call of ``step_done`` per optimiser step; each returns
+    ``"compile"`` or ``"eager"`` when the trainer must switch its backbone, else None.
+
+    ``depends_on``: what the measurement depends on besides the machine and torch (the model's
+    config, the step's shapes, the processes); ``agree`` averages a number over the processes;
+    ``say`` reports the decision."""
+
+    def __init__(self, depends_on: tuple, device: torch.device, agree: Callable[[float], float],
+                 say: Callable[[str], None]):
+        self.key = cache_key(machine_key(device), torch.__version__, *depends_on)
+        self.agree, self.say = agree, say
+        self.phase = "eager"  # → "compiling" → "timing" → "done"
+        self.stamps: list[float] = []
+        self.eager_seconds = self.compile_seconds = 0.0
+        self.decision = "undecided"
+
+    def step_done(self, now: float, seconds_left: Callable[[float], float]) -> str | None:
+        """After an optimiser step at clock ``now``; ``seconds_left(step_seconds)``: the time the
+        run has left at that step time."""
+        self.stamps.append(now)
+        if self.phase == "eager" and len(self.stamps) == WARMUP_STEPS + EAGER_STEPS + 1:
+            self.eager_seconds = self._median_step(self.stamps[WARMUP_STEPS:])
+            return self._try_compile(seconds_left(self.eager_seconds))
+        if self.phase == "compiling":  # this step compiled the backbone, then ran it
+            self.compile_seconds = max(0.0, self.agree(now - self.stamps[-2]) - self.eager_seconds)
+            self.phase, self.stamps = "timing", [now]
+        elif self.phase == "timing" and len(self.stamps) == COMPILED_STEPS + 1:
+            return self._keep_or_revert(self._median_step(self.stamps))
+        return None
+
+    def failed(self) -> str | None:
+        """A non-finite loss: while compiled steps are on trial, back to eager steps."""
+        if self.phase not in ("compiling", "timing"):
+            return None
+        self._finish("eager", "a compiled step gave a non-finite loss, eager steps did not")
+        self._remember(Measurement(saving=-1.0, compile_seconds=self.compile_seconds))
+        return "eager"
+
+    def _try_compile(self, seconds_left: float) -> str | None:
+        remembered = self._remembered()
+        expected = remembered or Measurement(PRIOR_SAVING, PRIOR_COMPILE_SECONDS)
+        source = "measured here before" if remembered else "expected"
+        pays = seconds_left * expected.saving > expected.compile_seconds
+        if not pays:
+            self._finish("eager", f"{seconds_left:.0f} s of training left at "
+                         f"{self.eager_seconds:.3f} s/step would save "
+                         f"{seconds_left * max(expected.saving, 0):.0f} s, less than the "
+                         f"{expected.compile_seconds:.0f} s a compile takes ({source})")
+            return None
+        self.phase = "compiling"
+        self.say(f"compile: trying torch.compile ({seconds_left:.0f} s of training left at "
+                 f"{self.eager_seconds:.3f} s/step; {source}: {expected.saving:.0%} faster steps "
+                 f"after a {expected.compile_seconds:.0f} s compile)")
+        return "compile"
+
+    def _keep_or_revert(self, compiled_seconds: float) -> str | None:
+        speedup = self.eager_seconds / compiled_seconds
+        self._remember(Measurement(1 - compiled_seconds / self.eager_seconds, self.compile_seconds))
+        how = (f"{compiled_seconds:.3f} s/step compiled against {self.eager_seconds:.3f} eager, "
+               f"{speedup:.2f}×; compiling took {self.compile_seconds:.0f} s")
+        if speedup >= MIN_SPEEDUP:
+            self._finish("compiled", how)
+            return None
+        self._finish("eager", f"{how}: below {MIN_SPEEDUP}×")
+        return "eager"
+
+    def _finish(self, decision: str, why: str) -> None:
+        self.phase, self.decision = "done", decision
+        self.say(f"compile: {decision} ({why})")
+
+    def _median_step(self, stamps: list[float]) -> float:
+        return self.agree(statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
+
+    def _remembered(self) -> Measurement | None:
+        content = _memory().get(self.key)
+        try:
+            return Measurement(float(content["saving"]), float(content["compile_seconds"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+
+    def _remember(self, measured: Measurement) -> None:
+        _memory().put(self.key, {"saving": measured.saving,
+                                 "compile_seconds": measured.compile_seconds})
+
+
+def _memory():
+    return json_file_cache(user_cache_dir("compile"))
