@@ -12,9 +12,10 @@ width of its autoencoder and text encoder) at its first stage's batch, latent si
 adds them through torch.compile (compiled in the warm-up rounds, so the table holds compiled steps
 only; the compilation time is printed apart).
 --original DIR times the original HDM implementation too (DIR holds its ``xut`` package, e.g. the
-``src`` folder of a checkout of the HDM repository; needs an --hdm-config; with --bf16 the original is timed under the same autocast, as its
-training ran, and each speed-up compares like with like). Variants are timed in
-interleaved rounds and the median is reported, so that load on a shared machine hits all alike.
+``src`` folder of a checkout of the HDM repository; needs an --hdm-config). With --bf16 the original
+is timed under the same autocast too (its training ran under bf16 autocast), and each speed-up
+compares like with like. Variants are timed in interleaved rounds and the median is reported, so
+that load on a shared machine hits all alike.
 """
 
 from __future__ import annotations

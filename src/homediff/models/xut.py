@@ -268,12 +268,14 @@ class XUT(nn.Module):
 
     def forward(self, x: torch.Tensor, t, ctx: torch.Tensor, *, pos_map: torch.Tensor | None = None,
                 aspect=None, tread_rate: float | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None,
+                features: list | None = None) -> torch.Tensor:
         """Velocity for noisy input x (B, C, H, W) at flow time t (B,) given text states ctx (B, T, Dc).
 
         pos_map: (B, H·W, 2) (y, x) at x's resolution, default the canonical grid. aspect: ln(W/H)
         of the full image per sample, default that of x. tread_rate: see ``routing_rate``;
-        generator: draws the routing, so a fixed generator repeats it.
+        generator: draws the routing, so a fixed generator repeats it. features: a list that gets
+        the image tokens after the middle blocks (B, h·w, D), for a training signal on them.
         """
         batch, _, height, width = x.shape
         p = self.config.patch_size
@@ -302,6 +304,8 @@ class XUT(nn.Module):
             seq = tread.merge(seq, core, kept, n_image)
         else:
             seq = self.backbone(seq, pos, mods, self._run)
+        if features is not None:
+            features.append(seq[:, :n_image])
         for block in self.post_tread_trns.blocks:
             seq = self._run(block, seq, pos, mods)
         return self.out_patch(seq[:, :n_image], h, w)

@@ -21,6 +21,7 @@ from torch import nn
 from homediff.encoders.autoencoders import load_autoencoder
 from homediff.encoders.text import TextEncoder
 from homediff.models import XUT, XUTConfig, lora
+from homediff.training.alignment import Aligner
 from homediff.training.batches import BatchStream
 from homediff.training.config import StageConfig, TrainConfig
 from homediff.training.infrastructure import build_accelerator
@@ -39,6 +40,7 @@ class Components:
     text_encoder: TextEncoder
     autoencoder: nn.Module
     caches: dict = field(default_factory=dict)
+    aligner: Aligner | None = None  # the representation alignment's frozen network (align_weight)
 
 
 def build_text_encoder(config: TrainConfig, device: torch.device) -> TextEncoder:

@@ -205,6 +205,7 @@ class TrainSection:
     time_std: float = 1.0
     time_shift_base: int = 0  # > 0: times shifted towards noise by √(H·W)/base (SD3); 0: none (HDM)
     contrastive_weight: float = 0.0  # ΔFM's λ: minus λ·MSE to another sample's velocity (0: off)
+    align_weight: float = 0.0  # λ of the representation alignment (training.alignment; 0: off)
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     fp16_grad_compression: bool = False
     cache_text: bool = False
@@ -221,6 +222,7 @@ class TrainSection:
         _require(self.time_shift_base >= 0, "time_shift_base", f"must be >= 0, got {self.time_shift_base}")
         _require(0 <= self.contrastive_weight < 1, "contrastive_weight",
                  f"must be in [0, 1), got {self.contrastive_weight}")
+        _require(self.align_weight >= 0, "align_weight", f"must be >= 0, got {self.align_weight}")
         for key in ("checkpoint_every", "log_every", "sample_steps", "max_bad_steps"):
             _require(getattr(self, key) >= 1, key, f"must be at least 1, got {getattr(self, key)}")
         for key in ("keep_checkpoints", "sample_every", "val_every"):

@@ -43,6 +43,7 @@ from homediff.models import XUT
 from homediff.models.flops import train_step_flops
 from homediff.training import infrastructure, sharding
 from homediff.training.batches import step_batches
+from homediff.training.alignment import Aligner
 from homediff.training.checkpoint import Checkpoint, Progress, rng_state
 from homediff.training.compiling import AutoCompile
 from homediff.training.components import Builders, Components
@@ -116,6 +117,7 @@ class Trainer:
         self.model = infrastructure.prepare_model(model, self.accelerator, config, self.fsdp)
         self.compiler = None  # the "auto" compile decision, made in the first stage trained
         self.caches = infrastructure.build_caches(config, self.run_dir, self.rank)
+        self.aligner = Aligner(self.device) if config.train.align_weight else None
         infrastructure.warn_about_workers(config, self.device)
         self.progress = Progress(processes=self.accelerator.num_processes)
         self.monitor = builders.monitor(config, self.run_dir, self.accelerator.is_main_process)
@@ -154,7 +156,8 @@ class Trainer:
         index = self.progress.stage
         stage = self.config.stages[index]
         optimizer, total = self._start_stage(index, stage)
-        parts = Components(self.model, self.stage_text_encoder, self.autoencoder, self.caches)
+        parts = Components(self.model, self.stage_text_encoder, self.autoencoder, self.caches,
+                           self.aligner)
         settings = LossSettings.of(self.config, stage, precision.DTYPES.get(self.precision.autocast))
         warmup, low = self.config.optimizer.warmup_steps, self.config.optimizer.min_lr_ratio
         started, first_step, bad_steps = self.clock(), self.progress.stage_step, 0

@@ -33,20 +33,22 @@ class LossSettings:
     time_shift_base: int = 0  # > 0: times shifted towards noise by √(H·W)/base
     contrastive_weight: float = 0.0
     tread_rate: float = 0.0
+    align_weight: float = 0.0  # the representation alignment's λ (``training.alignment``)
     autocast: torch.dtype | None = None  # None: no autocast
 
     @classmethod
     def of(cls, config: TrainConfig, stage: StageConfig, autocast: torch.dtype | None) -> "LossSettings":
         train = config.train
         return cls(train.time_mean, train.time_std, train.time_shift_base, train.contrastive_weight,
-                   stage.tread_rate, autocast)
+                   stage.tread_rate, train.align_weight, autocast)
 
 
 def flow_matching_loss(model, x0: torch.Tensor, ctx: torch.Tensor, settings: LossSettings,
                        generator: torch.Generator, *, pos: torch.Tensor | None = None,
-                       aspect: torch.Tensor | None = None, shift: float = 1.0) -> torch.Tensor:
+                       aspect: torch.Tensor | None = None, shift: float = 1.0,
+                       features: list | None = None) -> torch.Tensor:
     """The rectified-flow loss of ``model`` on clean latents ``x0`` with text states ``ctx``,
-    its times shifted by ``shift``."""
+    its times shifted by ``shift``; ``features`` gets the model's middle tokens (``XUT``)."""
     device = generator.device
     t = flow.sample_time(x0.shape[0], mean=settings.time_mean, std=settings.time_std,
                          generator=generator, device=device, shift=shift)
@@ -54,7 +56,8 @@ def flow_matching_loss(model, x0: torch.Tensor, ctx: torch.Tensor, settings: Los
     dtype = settings.autocast  # None leaves autocast as the caller set it
     with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
         prediction = model(flow.add_noise(x0, noise, t), t, ctx.to(device, torch.float32), pos_map=pos,
-                           aspect=aspect, tread_rate=settings.tread_rate, generator=generator)
+                           aspect=aspect, tread_rate=settings.tread_rate, generator=generator,
+                           **({"features": features} if features is not None else {}))
     return flow.flow_loss(prediction, x0, noise, settings.contrastive_weight)
 
 
@@ -68,10 +71,15 @@ def training_loss(batch: dict, parts: Components, settings: LossSettings,
         x0 = parts.autoencoder.latents_from(_moments(parts, images, pos, batch["key"]), generator)
         ctx = _text_states(parts, batch["caption"])
     base = settings.time_shift_base  # the shift follows the image's size in pixels
-    return flow_matching_loss(parts.model, x0, ctx, settings, generator,
+    features = [] if parts.aligner else None
+    loss = flow_matching_loss(parts.model, x0, ctx, settings, generator,
                               pos=latent_positions(pos, images.shape[-1], images.shape[-1] // x0.shape[-1]),
                               aspect=batch["aspect"].to(device),
-                              shift=flow.resolution_shift(*images.shape[-2:], base) if base else 1.0)
+                              shift=flow.resolution_shift(*images.shape[-2:], base) if base else 1.0,
+                              features=features)
+    if parts.aligner:
+        loss = loss + settings.align_weight * parts.aligner.loss(features[0], images, pos, batch["key"])
+    return loss
 
 
 def latent_positions(pos: torch.Tensor, side: int, factor: int) -> torch.Tensor:
