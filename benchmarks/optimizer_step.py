@@ -1,5 +1,6 @@
 """Optimiser step time beside the model's forward and backward: AdamW against Muon (optim.MuonAdamW)
-with its Newton-Schulz iteration in bfloat16 and in float32.
+with its Newton-Schulz iteration in bfloat16 and in float32, and that iteration alone over the Muon
+matrices one by one against stacked by shape.
 
     python benchmarks/optimizer_step.py --config configs/tiny-emoji.toml --threads 1
 
@@ -19,7 +20,8 @@ import torch
 
 from homediff.models import XUT, XUTConfig
 from homediff.training.config import load_config
-from homediff.training.optim import MuonAdamW, mark_muon_groups, parameter_groups, set_lr
+from homediff.training.optim import (MuonAdamW, mark_muon_groups, orthogonalize, parameter_groups,
+                                     set_lr)
 
 CONTEXT_DIM = 384  # MiniLM's width; the text encoder itself is not needed here
 
@@ -63,16 +65,30 @@ def main() -> None:
     }
     for optimizer in optimizers.values():
         set_lr(optimizer, 0.0, 1.0)  # time the arithmetic, leave the weights as they are
-    times = {name: [] for name in ["forward + backward", *optimizers]}
+    # the Newton-Schulz iteration alone, over the Muon matrices' gradients: one product chain per
+    # matrix, or one per shape over the stacked matrices (what MuonAdamW does)
+    hidden = [p.grad for g in optimizers["Muon, Newton-Schulz in bfloat16"].param_groups if g["muon"]
+              for p in g["params"]]
+    by_shape = {}
+    for grad in hidden:
+        by_shape.setdefault(tuple(grad.shape), []).append(grad)
+    stacks = [torch.stack(grads) for grads in by_shape.values()]
+    iterations = {
+        "Newton-Schulz (bfloat16), matrix by matrix": lambda: [orthogonalize(g) for g in hidden],
+        "Newton-Schulz (bfloat16), stacked by shape": lambda: [orthogonalize(s) for s in stacks],
+    }
+    times = {name: [] for name in ["forward + backward", *optimizers, *iterations]}
     for _ in range(args.rounds):
         times["forward + backward"].append(seconds(forward_backward, args.repeats))
         for name, optimizer in optimizers.items():
             times[name].append(seconds(optimizer.step, args.repeats))
+        for name, iteration in iterations.items():
+            times[name].append(seconds(iteration, args.repeats))
     muon = sum(p.numel() for g in optimizers["Muon, Newton-Schulz in bfloat16"].param_groups
                if g["muon"] for p in g["params"])
     print(f"{args.config}: {sum(p.numel() for p in model.parameters()):,} parameters ({muon:,} on Muon), "
           f"batch {stage.batch_size} at {stage.resolution} px, {args.threads} thread(s), "
-          f"median of {args.rounds} rounds")
+          f"median of {args.rounds} rounds; {len(hidden)} Muon matrices in {len(stacks)} shapes")
     print("| step | ms |\n|---|---:|")
     for name, values in times.items():
         print(f"| {name} | {1000 * statistics.median(values):.1f} |")

@@ -93,6 +93,15 @@ def test_orthogonalize_pushes_singular_values_towards_one(dtype):
         assert 0.65 < values.min() and values.max() < 1.25, values  # from a spread of 100x
 
 
+def test_a_stack_of_matrices_is_orthogonalised_each_on_its_own():
+    torch.manual_seed(0)
+    for shape in ((3, 24, 8), (3, 8, 24)):  # tall and wide
+        stack = torch.randn(*shape, dtype=torch.float64)
+        together = orthogonalize(stack, dtype=torch.float64)
+        alone = torch.stack([orthogonalize(m, dtype=torch.float64) for m in stack])
+        assert torch.allclose(together, alone, rtol=0, atol=1e-12)
+
+
 def _train(parameters, optimizer, steps=5):
     torch.manual_seed(1)
     for _ in range(steps):

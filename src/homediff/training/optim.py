@@ -71,19 +71,23 @@ def mark_muon_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
 def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Muon's quintic Newton-Schulz iteration: ``matrix`` with its singular values pushed towards 1
-    (to about 0.7-1.2; Jordan et al. 2024). It runs in ``dtype``: bfloat16 by default, as the
-    reference implementation and ``torch.optim.Muon`` do; the trainer picks float32 where bfloat16
-    matrix products are measured slower (``homediff.precision``)."""
+    (to about 0.7-1.2; Jordan et al. 2024). A stack of matrices (K, M, N) is orthogonalised each
+    on its own in batched products. It runs in ``dtype``: bfloat16 by default, as the reference
+    implementation and ``torch.optim.Muon`` do; the trainer picks float32 where bfloat16 matrix
+    products are measured slower (``homediff.precision``)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = matrix.to(dtype)
-    tall = x.shape[0] > x.shape[1]
+    single = x.ndim == 2
+    x = x.unsqueeze(0) if single else x
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if tall else x).to(matrix.dtype)
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.mT if tall else x
+    return (x[0] if single else x).to(matrix.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -118,23 +122,28 @@ class MuonAdamW(torch.optim.Optimizer):
                     p.add_(self._adamw_update(p, group), alpha=-group["lr"])
 
     def _orthogonal_momenta(self, matrices: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-        """Update each matrix's momentum, then orthogonalise its Nesterov direction."""
+        """Update each matrix's momentum, then orthogonalise its Nesterov direction (matrices of
+        one shape together, in batched products: many small products cost more one by one)."""
         sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
         load = [0] * world
-        directions = []
-        for p, group in matrices:
+        directions: list[torch.Tensor | None] = []
+        mine: dict[tuple, list[int]] = {}  # this process's matrices by shape
+        for i, (p, group) in enumerate(matrices):
             state = self.state[p]
             if not state:
                 state["momentum"] = torch.zeros_like(p)
             state["momentum"].lerp_(p.grad, 1 - group["momentum"])
             owner = load.index(min(load))
             load[owner] += min(p.shape) ** 2 * max(p.shape)  # Newton-Schulz cost
+            directions.append(None if owner == rank else torch.zeros_like(p))
             if owner == rank:
-                nesterov = p.grad.lerp(state["momentum"], group["momentum"])
-                directions.append(orthogonalize(nesterov, dtype=self.ns_dtype))
-            else:
-                directions.append(torch.zeros_like(p))
+                mine.setdefault(tuple(p.shape), []).append(i)
+        for indices in mine.values():
+            nesterov = torch.stack([matrices[i][0].grad.lerp(self.state[matrices[i][0]]["momentum"],
+                                                            matrices[i][1]["momentum"]) for i in indices])
+            for i, direction in zip(indices, orthogonalize(nesterov, dtype=self.ns_dtype)):
+                directions[i] = direction
         if sharded and directions:
             flat = torch.cat([d.flatten() for d in directions])
             dist.all_reduce(flat)
