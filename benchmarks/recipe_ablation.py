@@ -56,7 +56,7 @@ def table(args) -> None:
     names = [f"{kind} {column}" for kind in ("effnet", "pixels") for column in COLUMNS]
     print("| variant | steps | " + " | ".join(names) + " |")
     print("|---|---:|" + "---:|" * len(names))
-    for variant, seeds in runs.items():
+    for variant, seeds in sorted(runs.items(), key=lambda item: item[0] != "recipe"):  # recipe first
         cells = [" / ".join(str(s["steps"]) for s in seeds)]
         for name in names:
             values = [100 * s[name][0] for s in seeds]
