@@ -8,7 +8,7 @@ from train_helpers import square_folder, text_encoder_folder, tiny_config
 
 from homediff.errors import ConfigError
 from homediff.training import compiling
-from homediff.training.compiling import COMPILED_STEPS, EAGER_STEPS, WARMUP_STEPS, AutoCompile
+from homediff.training.compiling import COMPARED_STEPS, EAGER_STEPS, WARMUP_STEPS, AutoCompile
 from homediff.training.config import TrainSection
 from homediff.training.loop import Trainer
 
@@ -19,51 +19,68 @@ def _probe(said: list[str], key: str = "model") -> AutoCompile:
     return AutoCompile((key,), torch.device("cpu"), agree=float, say=said.append)
 
 
-def _feed(probe: AutoCompile, step_seconds: list[float], seconds_left: float = 1e4) -> list:
-    """step_done once per entry, the clock advancing by that entry; the actions returned."""
-    now, actions = 0.0, []
-    for seconds in step_seconds:
-        now += seconds
-        actions.append(probe.step_done(now, lambda step: seconds_left))
-    return actions
+def _simulate(probe: AutoCompile, eager: float, compiled: float, compile_seconds: float = 30.0,
+              steps: int = 40, seconds_left: float = 1e4) -> tuple[list, list]:
+    """Feed ``steps`` steps whose lengths follow the backbone the probe asked for (the first
+    compiled step also compiles; the warm-up steps are slow); returns the actions and, per step,
+    the backbone that ran it."""
+    now, running, compiled_once, actions, ran = 0.0, "eager", False, [], []
+    for step in range(steps):
+        if step < WARMUP_STEPS:
+            now += 5.0
+        elif running == "compiled":
+            now += compiled + (0.0 if compiled_once else compile_seconds)
+            compiled_once = True
+        else:
+            now += eager
+        ran.append(running)
+        action = probe.step_done(now, lambda step_seconds: seconds_left)
+        actions.append(action)
+        running = action or running
+    return actions, ran
 
 
 def test_compiles_when_the_time_left_pays_and_keeps_faster_steps():
     said = []
     probe = _probe(said)
-    eager = [5.0] * WARMUP_STEPS + [1.0] * (DECIDES_AT - WARMUP_STEPS)
-    actions = _feed(probe, eager + [31.0] + [0.5] * COMPILED_STEPS)
-    assert actions[DECIDES_AT - 1] == "compile"
-    assert [a for a in actions if a] == ["compile"]  # kept: no switch back
+    actions, ran = _simulate(probe, eager=1.0, compiled=0.5)
+    assert actions[DECIDES_AT - 1] == "compiled" and ran[DECIDES_AT] == "compiled"
+    # after the compiling step the two backbones alternate, step by step, then compiled stays
+    compared = ran[DECIDES_AT + 1:DECIDES_AT + 1 + 2 * COMPARED_STEPS]
+    assert compared == ["eager", "compiled"] * COMPARED_STEPS
+    assert set(ran[DECIDES_AT + 1 + 2 * COMPARED_STEPS:]) == {"compiled"}
     assert probe.decision == "compiled" and probe.phase == "done"
-    assert probe.eager_seconds == 1.0 and probe.compile_seconds == 30.0  # 31 s less one step
+    assert probe.eager_seconds == 1.0 and probe.compile_seconds == 29.5  # less one eager step
     assert "2.00×" in said[-1] and "compiling took 30 s" in said[-1]
     # a later run of the same model here expects what this one measured
-    assert _probe([])._remembered() == compiling.Measurement(saving=0.5, compile_seconds=30.0)
+    assert _probe([])._remembered() == compiling.Measurement(saving=0.5, compile_seconds=29.5)
 
 
 def test_reverts_slower_compiled_steps_and_does_not_try_again():
     probe = _probe([], key="slow")
-    actions = _feed(probe, [1.0] * DECIDES_AT + [21.0] + [1.02] * COMPILED_STEPS)
-    assert [a for a in actions if a] == ["compile", "eager"] and probe.decision == "eager"
+    actions, ran = _simulate(probe, eager=1.0, compiled=1.02)
+    assert probe.decision == "eager" and ran[-1] == "eager" and actions[-1] is None
     said = []
     again = _probe(said, key="slow")  # remembered: compiled steps were slower here
-    assert [a for a in _feed(again, [1.0] * (DECIDES_AT + 5)) if a] == []
-    assert again.decision == "eager" and "measured here before" in said[-1]
+    actions, ran = _simulate(again, eager=1.0, compiled=0.5)
+    assert set(ran) == {"eager"} and again.decision == "eager"
+    assert "measured here before" in said[-1]
 
 
 def test_a_short_run_does_not_compile():
     said = []
     probe = _probe(said, key="short")
     # 60 s left would save 0.15 · 60 = 9 s, less than the expected 60 s compile
-    assert [a for a in _feed(probe, [1.0] * (DECIDES_AT + 3), seconds_left=60.0) if a] == []
-    assert probe.decision == "eager" and "less than the 60 s a compile takes" in said[-1]
+    actions, ran = _simulate(probe, eager=1.0, compiled=0.5, seconds_left=60.0)
+    assert set(ran) == {"eager"} and probe.decision == "eager"
+    assert "less than the 60 s a compile takes" in said[-1]
 
 
 def test_a_non_finite_compiled_loss_goes_back_to_eager():
     probe = _probe([], key="nan")
-    _feed(probe, [1.0] * DECIDES_AT + [20.0])
-    assert probe.phase == "timing" and probe.failed() == "eager" and probe.decision == "eager"
+    _simulate(probe, eager=1.0, compiled=0.5, steps=DECIDES_AT + 2)
+    assert probe.phase == "comparing" and probe.running == "compiled"
+    assert probe.failed() == "eager" and probe.decision == "eager"
     assert _probe([], key="nan")._remembered().saving < 0  # never tried again here
     assert _probe([], key="other").failed() is None  # eager steps: nothing to switch
 
@@ -84,10 +101,10 @@ def assets(tmp_path_factory):
 
 def test_the_trainer_switches_its_backbone_as_decided(assets, tmp_path, monkeypatch):
     # compile at once (nothing to pay), then find it too slow however fast it is: the run trains
-    # eagerly, compiled, and eagerly again, and its losses stay those of one continuous run
+    # eagerly, compiled, alternating, and eagerly again, its losses those of one continuous run
     monkeypatch.setattr(compiling, "PRIOR_COMPILE_SECONDS", 0.0)
     monkeypatch.setattr(compiling, "MIN_SPEEDUP", float("inf"))
-    steps = DECIDES_AT + COMPILED_STEPS + 2
+    steps = DECIDES_AT + 1 + 2 * COMPARED_STEPS + 2
     stages = [{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": steps, "tread_rate": 0.5}]
     config = tiny_config(*assets, stages=stages, optimizer={"name": "adamw"})
     trainer = Trainer(config, tmp_path / "run")
@@ -95,8 +112,8 @@ def test_the_trainer_switches_its_backbone_as_decided(assets, tmp_path, monkeypa
     with fresh_cache(dir=str(tmp_path)):
         trainer.run(callback=lambda progress, batch: compiled.append(
             isinstance(trainer.model, torch._dynamo.eval_frame.OptimizedModule)))
-    assert compiled == ([False] * DECIDES_AT + [True] * (COMPILED_STEPS + 1)
-                        + [False] * (steps - DECIDES_AT - COMPILED_STEPS - 1))
+    assert compiled == ([False] * DECIDES_AT + [True] + [False, True] * COMPARED_STEPS
+                        + [False] * 2)
     assert trainer.compiler.decision == "eager"
     losses = [loss for _, loss in trainer.progress.losses]
     assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses)))

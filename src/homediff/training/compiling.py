@@ -10,10 +10,12 @@ gain differs by machine and model. ``"auto"`` (the default) therefore measures, 
    time budget left) times the expected saving exceeds the expected compile time. Expected: what an
    earlier run measured on this machine for this model and step (remembered in the user cache, like
    the precisions), else ``PRIOR_SAVING`` and ``PRIOR_COMPILE_SECONDS``;
-3. the first compiled step compiles (its extra time is the compile time); the next
-   ``COMPILED_STEPS`` are timed, and the compiled backbone stays when its steps are at least
-   ``MIN_SPEEDUP`` times faster with finite losses. Otherwise training goes on eagerly, and the
-   measurement is remembered, so that the next run here does not try again.
+3. the first compiled step compiles (its extra time is the compile time); then the next
+   2 × ``COMPARED_STEPS`` steps alternate between the eager and the compiled backbone (the same
+   weights: both train), so that a shared machine's drift hits both alike, and the compiled one
+   stays when its median step is at least ``MIN_SPEEDUP`` times faster with finite losses.
+   Otherwise training goes on eagerly. The measurement is remembered, so that the next run here
+   expects what this one found (and does not try where compiling did not pay).
 
 Every process takes the same decision (timings are averaged over processes), at the same step.
 The decision holds for the rest of the run (later stages recompile for their shapes). ``true``
@@ -33,7 +35,7 @@ from homediff.precision import machine_key
 
 WARMUP_STEPS = 2  # first steps allocate and warm caches: not timed
 EAGER_STEPS = 6
-COMPILED_STEPS = 6
+COMPARED_STEPS = 8  # steps of each backbone, alternating, once compiled
 #: Without a remembered measurement: compiled steps take this much less time, and compiling takes
 #: this long (the tiny recipe on a 2-core CPU measured about 0.2 and 45 s: benchmarks/RESULTS.md).
 PRIOR_SAVING = 0.15
@@ -52,8 +54,8 @@ class Measurement:
 
 
 class AutoCompile:
-    """The ``"auto"`` decision, fed one call of ``step_done`` per optimiser step; each returns
-    ``"compile"`` or ``"eager"`` when the trainer must switch its backbone, else None.
+    """The ``"auto"`` decision, fed one call of ``step_done`` per optimiser step; each returns the
+    backbone the next step must run, ``"compiled"`` or ``"eager"``, when it changes, else None.
 
     ``depends_on``: what the measurement depends on besides the machine and torch (the model's
     config, the step's shapes, the processes); ``agree`` averages a number over the processes;
@@ -63,8 +65,10 @@ class AutoCompile:
                  say: Callable[[str], None]):
         self.key = cache_key(machine_key(device), torch.__version__, *depends_on)
         self.agree, self.say = agree, say
-        self.phase = "eager"  # → "compiling" → "timing" → "done"
+        self.phase = "eager"  # → "compiling" → "comparing" → "done"
+        self.running = "eager"  # the backbone of the step under way
         self.stamps: list[float] = []
+        self.compared: dict[str, list[float]] = {"eager": [], "compiled": []}
         self.eager_seconds = self.compile_seconds = 0.0
         self.decision = "undecided"
 
@@ -73,29 +77,38 @@ class AutoCompile:
         run has left at that step time."""
         self.stamps.append(now)
         if self.phase == "eager" and len(self.stamps) == WARMUP_STEPS + EAGER_STEPS + 1:
-            self.eager_seconds = self._median_step(self.stamps[WARMUP_STEPS:])
-            return self._try_compile(seconds_left(self.eager_seconds))
+            timed = self.stamps[WARMUP_STEPS:]
+            self.eager_seconds = self._median([end - start for start, end in zip(timed, timed[1:])])
+            return self._switch(self._try_compile(seconds_left(self.eager_seconds)))
         if self.phase == "compiling":  # this step compiled the backbone, then ran it
             self.compile_seconds = max(0.0, self.agree(now - self.stamps[-2]) - self.eager_seconds)
-            self.phase, self.stamps = "timing", [now]
-        elif self.phase == "timing" and len(self.stamps) == COMPILED_STEPS + 1:
-            return self._keep_or_revert(self._median_step(self.stamps))
+            self.phase = "comparing"
+            return self._switch("eager")
+        if self.phase == "comparing":
+            self.compared[self.running].append(now - self.stamps[-2])
+            if min(map(len, self.compared.values())) == COMPARED_STEPS:
+                return self._switch(self._keep_or_revert())
+            return self._switch("compiled" if self.running == "eager" else "eager")
         return None
 
     def failed(self) -> str | None:
-        """A non-finite loss: while compiled steps are on trial, back to eager steps."""
-        if self.phase not in ("compiling", "timing"):
+        """A non-finite loss: where the compiled backbone ran that step, back to eager steps."""
+        if self.phase not in ("compiling", "comparing") or self.running != "compiled":
             return None
-        self._finish("eager", "a compiled step gave a non-finite loss, eager steps did not")
+        self._finish("eager", "a compiled step gave a non-finite loss")
         self._remember(Measurement(saving=-1.0, compile_seconds=self.compile_seconds))
-        return "eager"
+        return self._switch("eager")
+
+    def _switch(self, to: str | None) -> str | None:
+        if to is not None:
+            self.running = to
+        return to
 
     def _try_compile(self, seconds_left: float) -> str | None:
         remembered = self._remembered()
         expected = remembered or Measurement(PRIOR_SAVING, PRIOR_COMPILE_SECONDS)
         source = "measured here before" if remembered else "expected"
-        pays = seconds_left * expected.saving > expected.compile_seconds
-        if not pays:
+        if seconds_left * expected.saving <= expected.compile_seconds:
             self._finish("eager", f"{seconds_left:.0f} s of training left at "
                          f"{self.eager_seconds:.3f} s/step would save "
                          f"{seconds_left * max(expected.saving, 0):.0f} s, less than the "
@@ -105,16 +118,17 @@ class AutoCompile:
         self.say(f"compile: trying torch.compile ({seconds_left:.0f} s of training left at "
                  f"{self.eager_seconds:.3f} s/step; {source}: {expected.saving:.0%} faster steps "
                  f"after a {expected.compile_seconds:.0f} s compile)")
-        return "compile"
+        return "compiled"
 
-    def _keep_or_revert(self, compiled_seconds: float) -> str | None:
-        speedup = self.eager_seconds / compiled_seconds
-        self._remember(Measurement(1 - compiled_seconds / self.eager_seconds, self.compile_seconds))
-        how = (f"{compiled_seconds:.3f} s/step compiled against {self.eager_seconds:.3f} eager, "
+    def _keep_or_revert(self) -> str:
+        eager, compiled = (self._median(self.compared[kind]) for kind in ("eager", "compiled"))
+        speedup = eager / compiled
+        self._remember(Measurement(1 - compiled / eager, self.compile_seconds))
+        how = (f"{compiled:.3f} s/step compiled against {eager:.3f} eager, alternating, "
                f"{speedup:.2f}×; compiling took {self.compile_seconds:.0f} s")
         if speedup >= MIN_SPEEDUP:
             self._finish("compiled", how)
-            return None
+            return "compiled"
         self._finish("eager", f"{how}: below {MIN_SPEEDUP}×")
         return "eager"
 
@@ -122,8 +136,9 @@ class AutoCompile:
         self.phase, self.decision = "done", decision
         self.say(f"compile: {decision} ({why})")
 
-    def _median_step(self, stamps: list[float]) -> float:
-        return self.agree(statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
+    def _median(self, seconds: list[float]) -> float:
+        """The median step time, averaged over the processes."""
+        return self.agree(statistics.median(seconds))
 
     def _remembered(self) -> Measurement | None:
         content = _memory().get(self.key)

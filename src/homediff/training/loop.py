@@ -116,6 +116,7 @@ class Trainer:
         self.ema = builders.ema(config, model)  # under FSDP over the shards: each averages its own
         self.model = infrastructure.prepare_model(model, self.accelerator, config, self.fsdp)
         self.compiler = None  # the "auto" compile decision, made in the first stage trained
+        self._compiled = None  # its compiled backbone, once made
         self.caches = infrastructure.build_caches(config, self.run_dir, self.rank)
         self.aligner = Aligner(self.device) if config.train.align_weight else None
         infrastructure.warn_about_workers(config, self.device)
@@ -287,12 +288,14 @@ class Trainer:
             self._switch_backbone(self.compiler.step_done(self.clock(), seconds_left), parts)
 
     def _switch_backbone(self, to: str | None, parts: Components) -> None:
-        """Train on from here compiled (``to`` "compile") or eagerly ("eager"); None: as before."""
-        if to == "compile":
-            self.model = torch.compile(self.model)
-        elif to == "eager":
-            self.model = getattr(self.model, "_orig_mod", self.model)
-        parts.model = self.model
+        """Train on from here with the ``"compiled"`` or the ``"eager"`` backbone (the same module,
+        compiled once); None: as before."""
+        if to is None:
+            return
+        eager = getattr(self.model, "_orig_mod", self.model)
+        if to == "compiled" and self._compiled is None:
+            self._compiled = torch.compile(eager)
+        self.model = parts.model = self._compiled if to == "compiled" else eager
 
     def _stop_reason(self) -> str | None:
         """Why to stop now, the same on every process: a stop signal any of them has seen, or
