@@ -43,6 +43,7 @@ PRIOR_COMPILE_SECONDS = 60.0
 #: Compiled steps must be at least this much faster to be kept: below it a shared machine's noise
 #: could decide, and a compiled model is harder to debug for no real gain.
 MIN_SPEEDUP = 1.05
+METHOD = 2  # how a measurement is made: measurements made another way are not remembered here
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class AutoCompile:
 
     def __init__(self, depends_on: tuple, device: torch.device, agree: Callable[[float], float],
                  say: Callable[[str], None]):
-        self.key = cache_key(machine_key(device), torch.__version__, *depends_on)
+        self.key = cache_key(METHOD, machine_key(device), torch.__version__, *depends_on)
         self.agree, self.say = agree, say
         self.phase = "eager"  # → "compiling" → "comparing" → "done"
         self.running = "eager"  # the backbone of the step under way
