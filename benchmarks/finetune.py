@@ -60,7 +60,7 @@ def images(pipe, captions: list[str], seeds: list[int]) -> torch.Tensor:
 
 
 def measure(base: str, results: list[dict], data: Path) -> list[dict]:
-    from homediff.evaluation import effnet
+    from homediff.encoders import effnet
     from homediff.evaluation.common import load_image
     from homediff.pipeline import HomeDiffPipeline
 

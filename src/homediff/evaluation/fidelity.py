@@ -3,7 +3,7 @@
 distractors: for each held-out caption the ``distractors`` train captions sharing most words with it
 (Jaccard on word sets; for emoji, the same emoji in other skin tones and others in the same tone),
 so a held-out prompt scores only if the whole combination is right. All images are embedded by
-``homediff.evaluation.effnet.features``. A query's score for a gallery caption is its highest cosine
+``homediff.encoders.effnet.features``. A query's score for a gallery caption is its highest cosine
 similarity to that caption's images; captions are ranked by score (ties favour the query's own) and
 top-k accuracy is the share of queries whose own caption ranks within the first k; its standard
 error counts each caption once (``topk_standard_error``).
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from homediff.caching import MemoryCache, cache_key, tensor_file_cache, user_cache_dir
-from homediff.evaluation import effnet, inception
+from homediff.encoders import effnet
+from homediff.evaluation import inception
 from homediff.evaluation.clip_score import load_clip
 from homediff.evaluation.common import EvalSettings, generate, load_image, one_off_captions, select
 from homediff.evaluation.metrics import (TOPK, caption_ranks, frechet_distance, topk_accuracy,

@@ -5,7 +5,7 @@ REPA (Yu et al. 2025) regresses a diffusion transformer's middle tokens, through
 onto a frozen encoder's patch features, and so speeds up its early training. Here there is no
 head: the loss matches the two token-by-token cosine-similarity matrices of each image (which
 patches belong together, as the frozen network sees them), so nothing is added to the backbone,
-its checkpoints or its exports. The frozen network is EfficientNet-Lite0 (``evaluation.effnet``,
+its checkpoints or its exports. The frozen network is EfficientNet-Lite0 (``encoders.effnet``,
 the ``eval`` extra) cut after block ``BLOCK`` (stride 16, 112 channels): the clean training crop,
 resized to 16 × the backbone's token grid, gives one feature per token. Grids larger than
 ``MAX_SIDE`` (HDM's 1024² crops have 64 × 64 tokens) are averaged down to it first, which bounds
@@ -28,7 +28,7 @@ class Aligner:
     """The frozen network and its features of the crops seen so far."""
 
     def __init__(self, device: torch.device, capacity: int = 8192):
-        from homediff.evaluation.effnet import load_effnet
+        from homediff.encoders.effnet import load_effnet
 
         self.network = load_effnet(device)
         self.cache = MemoryCache(capacity)
@@ -49,7 +49,7 @@ class Aligner:
     @torch.no_grad()
     def targets(self, images: torch.Tensor, pos: torch.Tensor, keys: list[str], side: int) -> torch.Tensor:
         """The frozen features (B, side², 112) of each crop, from memory where seen before."""
-        from homediff.evaluation.effnet import prepare
+        from homediff.encoders.effnet import prepare
 
         names = [cache_key("align", k, side, p[0].tolist(), p[-1].tolist()) for k, p in zip(keys, pos)]
         rows = [self.cache.get(name) for name in names]

@@ -80,7 +80,7 @@ def test_shapes_needs_shapes_captions(setup, tmp_path, capsys):
 def test_the_command_takes_its_defaults_from_the_settings():
     from homediff.app.cli import build_parser
     from homediff.evaluation import EvalSettings
-    from homediff.evaluation.effnet import INPUT_SIZE
+    from homediff.encoders.effnet import INPUT_SIZE
 
     args = build_parser().parse_args(["eval", "model", "--data", "d"])
     defaults = EvalSettings()

