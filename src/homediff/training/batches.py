@@ -78,6 +78,15 @@ class BatchStream:
                 self.shard_progress.update(batch)
             yield batch
 
+    def close(self) -> None:
+        """Stop the loader's worker processes now: persistent workers live as long as their loader,
+        which a compiled model's references can keep past the run, and a worker still running at
+        exit keeps the process waiting for it."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader = None
+
     def state_dict(self) -> dict | None:
         return self.shard_progress.state_dict() if self.kind == "shards" else None
 

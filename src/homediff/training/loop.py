@@ -150,6 +150,8 @@ class Trainer:
                         return None
                 return self._export()
         finally:
+            if getattr(self, "stream", None) is not None:
+                self.stream.close()
             self.monitor.close()
 
     def _train_stage(self, callback) -> bool:

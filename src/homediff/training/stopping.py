@@ -5,6 +5,7 @@ lost); a second one stops at once, leaving the last checkpoint as it is."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ class StopSignals:
         self._previous: dict = {}
 
     def __enter__(self) -> StopSignals:
+        self._pid = os.getpid()
         self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -41,6 +43,12 @@ class StopSignals:
             self._waiting = False
 
     def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # a process forked inside the block (a data-loader worker) inherits the handler: it
+            # ends as the signal says, or its parent, joining it at exit, would wait forever
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.received is not None:
             raise KeyboardInterrupt(f"a second stop signal: stopped at once, the last checkpoint "
                                     f"in {self.checkpoints} is intact")
