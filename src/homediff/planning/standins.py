@@ -115,6 +115,9 @@ class RandomStream:
     def __len__(self) -> int:
         return 10 ** 9  # batches per epoch, for stages given in epochs: the rehearsal stops first
 
+    def close(self) -> None:
+        """No loader processes to stop."""
+
     def epoch(self, epoch: int, start_batch: int):
         draw = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         index = start_batch
