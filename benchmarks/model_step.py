@@ -35,6 +35,7 @@ from homediff.encoders.autoencoders import load_autoencoder
 from homediff.encoders.text import TextEncoder
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import forward_flops
+from homediff.training.compiling import compile_backbone
 from homediff.training.config import load_config
 
 
@@ -118,7 +119,7 @@ def main() -> None:
     if args.bf16:
         impls["homediff, bf16 autocast"] = impls["homediff"]
     if args.compile:
-        impls["homediff, compiled"] = torch.compile(impls["homediff"])
+        impls["homediff, compiled"] = compile_backbone(impls["homediff"])
     if args.original:
         if arch is None:
             parser.error("--original needs --hdm-config")

@@ -81,8 +81,28 @@ def test_a_non_finite_compiled_loss_goes_back_to_eager():
     _simulate(probe, eager=1.0, compiled=0.5, steps=DECIDES_AT + 2)
     assert probe.phase == "comparing" and probe.running == "compiled"
     assert probe.failed() == "eager" and probe.decision == "eager"
-    assert _probe([], key="nan")._remembered().saving < 0  # never tried again here
     assert _probe([], key="other").failed() is None  # eager steps: nothing to switch
+    said = []
+    again = _probe(said, key="nan")  # remembered: never tried again here, and the log says why
+    assert again._remembered().failed
+    _, ran = _simulate(again, eager=1.0, compiled=0.5)
+    assert set(ran) == {"eager"} and again.decision == "eager"
+    assert "non-finite loss here before" in said[-1]
+
+
+def test_kernels_for_a_restricted_instruction_set_are_cached_apart(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    compiling.separate_kernel_cache()  # unrestricted: inductor's own default
+    assert "TORCHINDUCTOR_CACHE_DIR" not in compiling.os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    compiling.separate_kernel_cache()
+    assert compiling.os.environ["TORCHINDUCTOR_CACHE_DIR"] == f"{default_cache_dir()}/aten-avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the user's choice stays
+    compiling.separate_kernel_cache()
+    assert compiling.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
 def test_the_setting_takes_true_false_or_auto():

@@ -24,6 +24,7 @@ compiles from the first step, ``false`` never compiles.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,12 +47,32 @@ MIN_SPEEDUP = 1.05
 METHOD = 2  # how a measurement is made: measurements made another way are not remembered here
 
 
+def compile_backbone(module: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(module)``, its generated kernels cached apart per CPU instruction-set
+    setting (``separate_kernel_cache``)."""
+    separate_kernel_cache()
+    return torch.compile(module)
+
+
+def separate_kernel_cache() -> None:
+    """Where ATen's CPU kernels are held to an instruction set (``ATEN_CPU_CAPABILITY``, as when an
+    AVX2 laptop is emulated on a newer CPU), keep inductor's kernel cache apart from the one of
+    unrestricted runs: kernels cached by a run at the other setting were reused, and the compiled
+    step gave non-finite losses. A cache folder the user chose (``TORCHINDUCTOR_CACHE_DIR``) stays."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"aten-{capability}")
+
+
 @dataclass(frozen=True)
 class Measurement:
     """What compiling did for one model and step on one machine."""
 
     saving: float  # 1 - compiled step time / eager step time (negative: compiled is slower)
     compile_seconds: float
+    failed: bool = False  # a compiled step gave a non-finite loss
 
 
 class AutoCompile:
@@ -97,7 +118,7 @@ class AutoCompile:
         if self.phase not in ("compiling", "comparing") or self.running != "compiled":
             return None
         self._finish("eager", "a compiled step gave a non-finite loss")
-        self._remember(Measurement(saving=-1.0, compile_seconds=self.compile_seconds))
+        self._remember(Measurement(saving=-1.0, compile_seconds=self.compile_seconds, failed=True))
         return self._switch("eager")
 
     def _switch(self, to: str | None) -> str | None:
@@ -109,6 +130,10 @@ class AutoCompile:
         remembered = self._remembered()
         expected = remembered or Measurement(PRIOR_SAVING, PRIOR_COMPILE_SECONDS)
         source = "measured here before" if remembered else "expected"
+        if expected.failed:
+            self._finish("eager", "a compiled step gave a non-finite loss here before; "
+                         "train.compile = true compiles anyway")
+            return None
         if seconds_left * expected.saving <= expected.compile_seconds:
             self._finish("eager", f"{seconds_left:.0f} s of training left at "
                          f"{self.eager_seconds:.3f} s/step would save "
@@ -144,13 +169,14 @@ class AutoCompile:
     def _remembered(self) -> Measurement | None:
         content = _memory().get(self.key)
         try:
-            return Measurement(float(content["saving"]), float(content["compile_seconds"]))
+            return Measurement(float(content["saving"]), float(content["compile_seconds"]),
+                               bool(content.get("failed", False)))
         except (TypeError, KeyError, ValueError):
             return None
 
     def _remember(self, measured: Measurement) -> None:
-        _memory().put(self.key, {"saving": measured.saving,
-                                 "compile_seconds": measured.compile_seconds})
+        _memory().put(self.key, {"saving": measured.saving, "compile_seconds": measured.compile_seconds,
+                                 "failed": measured.failed})
 
 
 def _memory():

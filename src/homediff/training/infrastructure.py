@@ -14,6 +14,7 @@ from homediff.caching import TensorShards
 from homediff.errors import ConfigError
 from homediff.models.layers import Block
 from homediff.training import sharding
+from homediff.training.compiling import compile_backbone
 from homediff.training.config import StageConfig, TrainConfig
 from homediff.training.precisions import accelerator_precision
 
@@ -48,7 +49,7 @@ def prepare_model(model: nn.Module, accelerator, config: TrainConfig, fsdp: bool
     is), and compiled with ``train.compile = true`` ("auto" decides during the run:
     ``training.compiling``)."""
     model = model if fsdp else accelerator.prepare_model(model)
-    return torch.compile(model) if config.train.compile is True else model
+    return compile_backbone(model) if config.train.compile is True else model
 
 
 def build_caches(config: TrainConfig, run_dir: Path, rank: int) -> dict[str, TensorShards]:

@@ -45,7 +45,7 @@ from homediff.training import infrastructure, sharding
 from homediff.training.batches import step_batches
 from homediff.training.alignment import Aligner
 from homediff.training.checkpoint import Checkpoint, Progress, rng_state
-from homediff.training.compiling import AutoCompile
+from homediff.training.compiling import AutoCompile, compile_backbone
 from homediff.training.components import Builders, Components
 from homediff.training.config import StageConfig, TrainConfig, to_toml
 from homediff.training.export import adapters, export_run, final_weights, model_copy
@@ -296,7 +296,7 @@ class Trainer:
             return
         eager = getattr(self.model, "_orig_mod", self.model)
         if to == "compiled" and self._compiled is None:
-            self._compiled = torch.compile(eager)
+            self._compiled = compile_backbone(eager)
         self.model = parts.model = self._compiled if to == "compiled" else eager
 
     def _stop_reason(self) -> str | None:
