@@ -100,6 +100,10 @@ def test_kernels_for_a_restricted_instruction_set_are_cached_apart(monkeypatch, 
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     compiling.separate_kernel_cache()
     assert compiling.os.environ["TORCHINDUCTOR_CACHE_DIR"] == f"{default_cache_dir()}/aten-avx2"
+    # inductor's default, written into the environment by inductor itself, is no choice
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    compiling.separate_kernel_cache()
+    assert compiling.os.environ["TORCHINDUCTOR_CACHE_DIR"] == f"{default_cache_dir()}/aten-avx2"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the user's choice stays
     compiling.separate_kernel_cache()
     assert compiling.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)

@@ -58,12 +58,15 @@ def separate_kernel_cache() -> None:
     """Where ATen's CPU kernels are held to an instruction set (``ATEN_CPU_CAPABILITY``, as when an
     AVX2 laptop is emulated on a newer CPU), keep inductor's kernel cache apart from the one of
     unrestricted runs: kernels cached by a run at the other setting were reused, and the compiled
-    step gave non-finite losses. A cache folder the user chose (``TORCHINDUCTOR_CACHE_DIR``) stays."""
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    step gave non-finite losses. A cache folder the user chose (``TORCHINDUCTOR_CACHE_DIR``) stays;
+    inductor's default, which it writes into the environment once asked (wrapping a model for data
+    parallelism asks), counts as none chosen."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"aten-{capability}")
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    default = os.path.abspath(default_cache_dir())
+    if capability and os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"aten-{capability}")
 
 
 @dataclass(frozen=True)
