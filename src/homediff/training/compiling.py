@@ -174,7 +174,7 @@ class AutoCompile:
         content = _memory().get(self.key)
         try:
             return Measurement(float(content["saving"]), float(content["compile_seconds"]),
-                               bool(content.get("failed", False)))
+                               bool(content["failed"]))
         except (TypeError, KeyError, ValueError):
             return None
 
