@@ -1,0 +1,187 @@
+"""Where a training step's time goes, and whether a plain attention path beats SDPA's for short
+sequences (benchmarks/RESULTS.md, "Leads for the last steps of speed").
+
+    python benchmarks/step_breakdown.py phases [--config configs/tiny-emoji.toml --steps 80]
+    python benchmarks/step_breakdown.py attention [--threads 1|2]
+    python benchmarks/step_breakdown.py attention-compiled [--threads 2 --limit 200]
+    python benchmarks/step_breakdown.py profile [--threads 2 --rate 0.5]
+
+phases: a real run of the recipe in one process, eager, with the trainer's forward+backward,
+optimiser step, gradient clipping and EMA timed (mean ms per step after the first 20), and the
+Newton-Schulz FLOPs of its Muon matrices beside the model's FLOPs per step. attention: SDPA against
+q·kᵀ, softmax, ·v, forward and backward, at the bench-256 and demo shapes. attention-compiled: the
+compiled bench-256 training step with SDPA everywhere, with the plain path where both sides have
+at most --limit tokens, and with the plain path everywhere, in interleaved rounds. profile: the
+compiled bench-256 training step under torch.profiler, by operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from homediff.models import XUT, XUTConfig
+from model_step import make_step
+
+BENCH = Path(__file__).parent / "archs" / "bench-256.json"
+
+
+def plain_attention(q, k, v):
+    """(B, H, N, Dh) attention as three products and a softmax."""
+    return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+
+def phases(config_path: Path, steps: int) -> None:
+    from homediff.models.flops import train_step_flops
+    from homediff.training.config import load_config
+    from homediff.training.loop import Trainer
+    from homediff.training.optim import mark_muon_groups, parameter_groups
+
+    spent = collections.defaultdict(float)
+
+    def timed(owner, name, label):
+        inner = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            spent[label] += time.perf_counter() - start
+            return out
+        setattr(owner, name, wrapper)
+
+    config = load_config(config_path)
+    config.train.sample_prompts, config.train.compile = [], False
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, run_dir, max_steps=steps, checkpoint_every=10**9)
+        timed(trainer, "_backward", "forward+backward")
+        timed(trainer.accelerator, "clip_grad_norm_", "clipping")
+        if trainer.ema:
+            timed(trainer.ema, "update", "EMA")
+        start_stage = trainer._start_stage
+
+        def start_timed(*args):
+            optimizer, total = start_stage(*args)
+            timed(optimizer, "step", "optimiser")
+            return optimizer, total
+        trainer._start_stage = start_timed
+        stamps = []
+        trainer.run(callback=lambda progress, batch: stamps.append((time.perf_counter(), dict(spent))))
+    (t0, before), (t1, after) = stamps[20], stamps[-1]
+    n = len(stamps) - 21
+    print(f"{config_path}: {1000 * (t1 - t0) / n:.1f} ms per step over {n} steps "
+          f"(precision: {trainer.precision.describe()})")
+    for label, seconds in after.items():
+        print(f"  {label:18s} {1000 * (seconds - before.get(label, 0.0)) / n:7.1f} ms")
+    model, stage = trainer.unwrapped, config.stages[0]
+    ns = sum(5 * (4 * min(p.shape) ** 2 * max(p.shape) + 2 * min(p.shape) ** 3)
+             for group in mark_muon_groups(model, parameter_groups(model, 0.0)) if group["muon"]
+             for p in group["params"])
+    side = stage.resolution // trainer.autoencoder.factor
+    model_flops = train_step_flops(model.config, side, side, stage.text_length, stage.tread_rate)
+    print(f"Newton-Schulz {ns / 1e9:.1f} GFLOP per step; the model {model_flops * stage.batch_size / 1e9:.1f} "
+          "GFLOP per step of one process")
+
+
+def attention(threads: int, rounds: int = 15) -> None:
+    torch.set_num_threads(threads)
+    paths = {"sdpa": F.scaled_dot_product_attention, "plain": plain_attention}
+    for shape in [(8, 4, 288, 64), (8, 4, 160, 64), (32, 4, 84, 32), (32, 4, 52, 32)]:
+        steps = {}
+        for name, path in paths.items():
+            q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+            grad = torch.randn(shape)
+            steps[name] = lambda path=path, q=q, k=k, v=v, grad=grad: path(q, k, v).backward(grad)
+        times = {name: [] for name in steps}
+        for round_ in range(rounds + 2):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                if round_ >= 2:
+                    times[name].append(time.perf_counter() - start)
+        print(shape, threads, "threads", {n: round(1000 * statistics.median(t), 2) for n, t in times.items()})
+
+
+def bench_model() -> XUT:
+    torch.manual_seed(0)
+    return XUT(XUTConfig.from_hdm_config(json.loads(BENCH.read_text())))
+
+
+def attention_compiled(threads: int, limit: int, rounds: int = 10) -> None:
+    import homediff.models.layers as layers
+
+    torch.set_num_threads(threads)
+    sdpa = layers._attend
+
+    def mixed(q, k, v, limit=limit):
+        if q.shape[1] > limit or k.shape[1] > limit:
+            return sdpa(q, k, v)
+        return plain_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).flatten(2)
+
+    steps = {}
+    for name, path in [("sdpa", sdpa), (f"plain <= {limit}", mixed), ("plain", lambda q, k, v: mixed(q, k, v, 10**9))]:
+        layers._attend = path
+        model = torch.compile(bench_model(), dynamic=False)
+        for rate in (0.0, 0.5):
+            step = make_step(model, False, rate, True, False, 8, 32, 32, model.config.ctx_dim,
+                             model.config.in_channels)
+
+            def bound(step=step, path=path):  # the path is a global the compiled graphs guard on
+                layers._attend = path
+                step()
+            for _ in range(3):
+                bound()
+            steps[(name, rate)] = bound
+    times = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    for (name, rate), t in times.items():
+        print(f"{name:12s} routing {rate}: {1000 * statistics.median(t):.1f} ms/step")
+
+
+def profile(threads: int, rate: float) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.set_num_threads(threads)
+    model = torch.compile(bench_model())
+    step = make_step(model, False, rate, True, False, 8, 32, 32, model.config.ctx_dim, model.config.in_channels)
+    for _ in range(3):
+        step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("what", choices=["phases", "attention", "attention-compiled", "profile"])
+    parser.add_argument("--config", type=Path, default=Path("configs/tiny-emoji.toml"))
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=0.5)
+    args = parser.parse_args()
+    if args.what == "phases":
+        torch.set_num_threads(1)
+        phases(args.config, args.steps)
+    elif args.what == "attention":
+        attention(args.threads)
+    elif args.what == "attention-compiled":
+        attention_compiled(args.threads, args.limit)
+    else:
+        profile(args.threads, args.rate)
+
+
+if __name__ == "__main__":
+    main()
