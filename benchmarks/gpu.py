@@ -50,6 +50,7 @@ from homediff.app.demo import recipe
 from homediff.diffusion.samplers import euler, guided_denoiser, time_grid
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import forward_flops, train_step_flops
+from homediff.training.components import adamw
 from homediff.training.config import load_config
 
 #: Peak dense bfloat16 tensor-core TFLOP/s (no sparsity) by a part of the CUDA device name; the
@@ -212,7 +213,7 @@ def xut_train(device: torch.device, sizes: Sizes, rates: tuple[float, ...], batc
     out-of-memory until it fits (rate 0, the largest, first keeps one batch for all)."""
     config = XUTConfig.preset(sizes.preset, in_channels=4, ctx_dim=QWEN3_WIDTH)
     model = XUT(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = adamw(model.parameters(), device, lr=1e-4)
     side, tokens = sizes.train_latent, text_length(VAE_FACTOR * sizes.train_latent, sizes.train_text)
     draw = torch.Generator(device).manual_seed(0)
     rows = []
@@ -231,10 +232,10 @@ def xut_train(device: torch.device, sizes: Sizes, rates: tuple[float, ...], batc
             batch //= 2
         flops = train_step_flops(config, side, side, tokens, rate) * batch
         tflops = flops / seconds / 1e12
-        adamw = "fused AdamW" if device.type == "cuda" else "AdamW"
+        kind = "fused AdamW" if optimizer.defaults["fused"] else "AdamW"
         rows.append(Row(f"{sizes.preset} train",
                         f"{side * VAE_FACTOR}² image ({side}² latent), {tokens} text tokens, "
-                        f"batch {batch}, routing {rate:g}, bf16 autocast, {adamw}",
+                        f"batch {batch}, routing {rate:g}, bf16 autocast, {kind}",
                         f"{batch / seconds:,.1f} images/s", tflops,
                         tflops / peak if peak else None, memory))
     return rows

@@ -14,8 +14,14 @@ only; the compilation time is printed apart).
 --original DIR times the original HDM implementation too (DIR holds its ``xut`` package, e.g. the
 ``src`` folder of a checkout of the HDM repository; needs an --hdm-config). With --bf16 the original
 is timed under the same autocast too (its training ran under bf16 autocast), and each speed-up
-compares like with like. Variants are timed in interleaved rounds and the median is reported, so
-that load on a shared machine hits all alike.
+compares like with like. Each training step ends with the AdamW step its trainer builds (homediff's
+fused where the device has the kernel, the original's torch.optim.AdamW with torch's defaults);
+--same-optimizer gives both torch's defaults, to compare the models alone.
+
+Variants are timed in interleaved rounds, so that load on a shared machine hits all alike: in each
+round each variant takes --repeats steps in a row and the first is not timed (it follows another
+variant's step, whose memory and caches it inherits). The table gives each variant's median; a
+speed-up is the median over rounds of the two variants' time ratio in that round, with its quartiles.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from homediff.encoders.text import TextEncoder
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import forward_flops
 from homediff.training.compiling import compile_backbone
+from homediff.training.components import adamw
 from homediff.training.config import load_config
 
 
@@ -63,8 +70,17 @@ def original_model(source: Path, arch: dict):
     return XUDiT(**arch)
 
 
-def make_step(model, original: bool, rate: float, train: bool, bf16: bool, batch, size, text, ctx_dim,
-              in_ch):
+def make_optimizer(model, original: bool, same_optimizer: bool) -> torch.optim.Optimizer:
+    """The AdamW each implementation's trainer builds: homediff's (fused where the device has the
+    kernel), the original's ``torch.optim.AdamW`` with torch's defaults; with ``same_optimizer``
+    torch's defaults for both, so that the models alone are compared."""
+    if original or same_optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return adamw(model.parameters(), torch.device("cpu"), lr=1e-4)
+
+
+def make_step(model, original: bool, rate: float, train: bool, bf16: bool, same_optimizer: bool,
+              batch, size, text, ctx_dim, in_ch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_ch, size, size, generator=g)
     t = torch.rand(batch, generator=g)
@@ -76,7 +92,7 @@ def make_step(model, original: bool, rate: float, train: bool, bf16: bool, batch
     else:
         kwargs = dict(aspect=aspect, tread_rate=rate)
     model.eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+    optimizer = make_optimizer(model, original, same_optimizer) if train else None
 
     def step():
         with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
@@ -103,10 +119,16 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="steps of a variant in a row in each round; all but the first timed")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--bf16", action="store_true", help="also time under bfloat16 autocast")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model")
+    parser.add_argument("--same-optimizer", action="store_true",
+                        help="train both implementations with torch's default AdamW (the models alone)")
     args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2: a turn's first step is not timed")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -120,6 +142,8 @@ def main() -> None:
         impls["homediff, bf16 autocast"] = impls["homediff"]
     if args.compile:
         impls["homediff, compiled"] = compile_backbone(impls["homediff"])
+        if args.bf16:
+            impls["homediff, compiled, bf16 autocast"] = impls["homediff, compiled"]
     if args.original:
         if arch is None:
             parser.error("--original needs --hdm-config")
@@ -128,25 +152,31 @@ def main() -> None:
             impls["original, bf16 autocast"] = impls["original"]
     dims = (args.batch, args.size, args.text_tokens, config.ctx_dim, config.in_channels)
     variants = {(name, mode, rate): make_step(model, name.startswith("original"), rate, mode == "train",
-                                              name.endswith("bf16 autocast"), *dims)
+                                              name.endswith("bf16 autocast"), args.same_optimizer, *dims)
                 for name, model in impls.items() for mode in ("forward", "train")
                 for rate in (0.0, 0.5)}
-    times = {key: [] for key in variants}
+    times = {key: [] for key in variants}  # each round's median step of each variant
     first_calls = {key: 0.0 for key in variants}
     for round_ in range(args.warmup + args.rounds):
         for key, step in variants.items():
-            start = time.perf_counter()
-            step()
-            if round_ >= args.warmup:
-                times[key].append(time.perf_counter() - start)
-            elif round_ == 0:
-                first_calls[key] = time.perf_counter() - start
+            steps = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                step()
+                steps.append(time.perf_counter() - start)
+            if round_ == 0:
+                first_calls[key] = steps[0]
+            if round_ >= args.warmup:  # the first step of a turn follows another variant's
+                times[key].append(statistics.median(steps[1:]))
 
     name = (args.config or args.hdm_config or Path(args.preset)).name
     print(f"# {name}: {XUT(config).num_parameters():,} parameters, batch {args.batch}, latent "
           f"{args.size}x{args.size}, {args.text_tokens} text tokens, {args.threads} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
     print("# " + " ".join(sys.argv))
+    homediff_adamw = "torch's defaults" if args.same_optimizer else (
+        "fused" if adamw([torch.zeros(1)], torch.device("cpu")).defaults["fused"] else "torch's defaults")
+    print(f"# AdamW: homediff {homediff_adamw}, original torch's defaults")
     print("| implementation | step | routing | ms/step | images/s | GFLOP/image | GFLOP/s | vs rate 0 |")
     print("|---|---|---|---|---|---|---|---|")
     for (impl, mode, rate), samples in times.items():
@@ -156,29 +186,31 @@ def main() -> None:
         base = statistics.median(times[(impl, mode, 0.0)])
         print(f"| {impl} | {mode} | {rate} | {seconds * 1e3:.1f} | {args.batch / seconds:.1f} | "
               f"{flops / 1e9:.3f} | {flops * args.batch / seconds / 1e9:.1f} | {seconds / base:.2f} |")
+    def ratio(slow: str, fast: str, mode: str, rate: float) -> str:
+        """Median over rounds of the rounds' time ratios (paired in time, so drift cancels), and
+        their quartiles."""
+        ratios = [a / b for a, b in zip(times[(slow, mode, rate)], times[(fast, mode, rate)])]
+        low, mid, high = statistics.quantiles(ratios, n=4)
+        return f"{statistics.median(ratios):.2f}x (quartiles over rounds {low:.2f}-{high:.2f})"
+
+    reports = []
     if args.bf16:
-        for mode in ("forward", "train"):
-            for rate in (0.0, 0.5):
-                ratio = statistics.median(times[("homediff, bf16 autocast", mode, rate)]) / statistics.median(
-                    times[("homediff", mode, rate)])
-                print(f"bf16 autocast / float32 time, {mode}, routing {rate}: {ratio:.2f}x")
+        reports.append(("homediff", "homediff, bf16 autocast", "bf16 autocast over float32, homediff"))
     if args.compile:
-        for mode in ("forward", "train"):
-            for rate in (0.0, 0.5):
-                compiled, plain = (statistics.median(times[(impl, mode, rate)])
-                                   for impl in ("homediff, compiled", "homediff"))
-                print(f"compiled / eager time, {mode}, routing {rate}: {compiled / plain:.2f}x "
-                      f"(first call {first_calls[('homediff, compiled', mode, rate)]:.1f} s)")
+        reports.append(("homediff", "homediff, compiled", "compiled over eager, homediff"))
     if args.original:
         pairs = [("original", "homediff")] + [("original", "homediff, compiled")] * args.compile
         pairs += [("original, bf16 autocast", "homediff, bf16 autocast")] * args.bf16
-        for original, ours in pairs:
-            for mode in ("forward", "train"):
-                for rate in (0.0, 0.5):
-                    ratio = statistics.median(times[(original, mode, rate)]) / statistics.median(
-                        times[(ours, mode, rate)])
-                    print(f"{ours} over {original}, {mode}, routing {rate}: {ratio:.2f}x")
-
+        pairs += [("original, bf16 autocast", "homediff, compiled, bf16 autocast")] * (args.bf16 and args.compile)
+        reports += [(original, ours, f"{ours} over {original}") for original, ours in pairs]
+    for slow, fast, label in reports:
+        for mode in ("forward", "train"):
+            for rate in (0.0, 0.5):
+                print(f"{label}, {mode}, routing {rate}: {ratio(slow, fast, mode, rate)}")
+    if args.compile:
+        print("first compiled calls: " + ", ".join(
+            f"{mode} {rate}: {first_calls[('homediff, compiled', mode, rate)]:.1f} s"
+            for mode in ("forward", "train") for rate in (0.0, 0.5)))
 
 if __name__ == "__main__":
     main()

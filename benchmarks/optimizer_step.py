@@ -1,4 +1,5 @@
-"""Optimiser step time beside the model's forward and backward: AdamW against Muon (optim.MuonAdamW)
+"""Optimiser step time beside the model's forward and backward: AdamW (torch's per-tensor loop and
+the fused kernel the trainer builds on a CPU) against Muon (optim.MuonAdamW)
 with its Newton-Schulz iteration in bfloat16 and in float32, and that iteration alone over the Muon
 matrices one by one against stacked by shape.
 
@@ -19,6 +20,7 @@ import time
 import torch
 
 from homediff.models import XUT, XUTConfig
+from homediff.training.components import adamw
 from homediff.training.config import load_config
 from homediff.training.optim import (MuonAdamW, mark_muon_groups, orthogonalize, parameter_groups,
                                      set_lr)
@@ -57,11 +59,14 @@ def main() -> None:
         (model(x, t, ctx, tread_rate=stage.tread_rate, generator=g) - x).pow(2).mean().backward()
 
     forward_backward()
-    groups = parameter_groups(model, config.optimizer.weight_decay, config.optimizer.lr_rule)
+    def groups():  # each optimiser its own: torch writes its defaults into the group dicts
+        return parameter_groups(model, config.optimizer.weight_decay, config.optimizer.lr_rule)
+
     optimizers = {
-        "AdamW (torch)": torch.optim.AdamW(groups),
-        "Muon, Newton-Schulz in bfloat16": MuonAdamW(mark_muon_groups(model, groups)),
-        "Muon, Newton-Schulz in float32": MuonAdamW(mark_muon_groups(model, groups), ns_dtype=torch.float32),
+        "AdamW (torch), tensor by tensor": torch.optim.AdamW(groups(), foreach=False),
+        "AdamW (torch), fused": adamw(groups(), torch.device("cpu")),
+        "Muon, Newton-Schulz in bfloat16": MuonAdamW(mark_muon_groups(model, groups())),
+        "Muon, Newton-Schulz in float32": MuonAdamW(mark_muon_groups(model, groups()), ns_dtype=torch.float32),
     }
     for optimizer in optimizers.values():
         set_lr(optimizer, 0.0, 1.0)  # time the arithmetic, leave the weights as they are

@@ -130,7 +130,7 @@ def attention_compiled(threads: int, limit: int, rounds: int = 10) -> None:
         layers._attend = path
         model = torch.compile(bench_model(), dynamic=False)
         for rate in (0.0, 0.5):
-            step = make_step(model, False, rate, True, False, 8, 32, 32, model.config.ctx_dim,
+            step = make_step(model, False, rate, True, False, False, 8, 32, 32, model.config.ctx_dim,
                              model.config.in_channels)
 
             def bound(step=step, path=path):  # the path is a global the compiled graphs guard on
@@ -154,7 +154,7 @@ def profile(threads: int, rate: float) -> None:
 
     torch.set_num_threads(threads)
     model = torch.compile(bench_model())
-    step = make_step(model, False, rate, True, False, 8, 32, 32, model.config.ctx_dim, model.config.in_channels)
+    step = make_step(model, False, rate, True, False, False, 8, 32, 32, model.config.ctx_dim, model.config.in_channels)
     for _ in range(3):
         step()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:

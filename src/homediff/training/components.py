@@ -97,8 +97,18 @@ def build_optimizer(config: TrainConfig, stage: StageConfig, model: nn.Module,
     betas = tuple(stage.betas)
     if opt.name == "muon":
         return MuonAdamW(mark_muon_groups(model, groups), betas=betas, eps=opt.eps, ns_dtype=muon_dtype)
-    # one fused kernel for all tensors on a GPU
-    return torch.optim.AdamW(groups, betas=betas, eps=opt.eps, fused=device.type == "cuda")
+    return adamw(groups, device, betas=betas, eps=opt.eps)
+
+
+#: Devices whose AdamW step torch runs as one fused kernel over all tensors.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw(params, device: torch.device, **options) -> torch.optim.AdamW:
+    """torch's AdamW, fused where the device has the kernel: one pass over each tensor's memory
+    instead of several element-wise operations per tensor (benchmarks/RESULTS.md, "The optimiser's
+    step"). The same update either way, up to rounding."""
+    return torch.optim.AdamW(params, fused=device.type in FUSED_ADAMW_DEVICES, **options)
 
 
 def build_stream(config: TrainConfig, index: int, device: torch.device) -> BatchStream:

@@ -72,7 +72,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded:
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                          sharded: bool) -> None:
     """A state of either kind into the optimiser, so that a run resumes with or without FSDP
-    (``load_state_dict`` matches parameters by their order, whatever their keys)."""
+    (``load_state_dict`` matches parameters by their order, whatever their keys). The optimiser keeps
+    the implementation it was built with (fused or not): a saved state would impose its own."""
+    state = {**state, "param_groups": [
+        {**saved, **{key: built[key] for key in ("fused", "foreach") if key in built}}
+        for saved, built in zip(state["param_groups"], optimizer.param_groups)]}
     if not sharded:
         optimizer.load_state_dict(state)
         return
