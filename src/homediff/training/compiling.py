@@ -74,7 +74,7 @@ def separate_kernel_cache() -> None:
 class Measurement:
     """What compiling did for one model and step on one machine."""
 
-    saving: float  # 1 - compiled step time / eager step time (negative: compiled is slower)
+    saving: float  # 1 - compiled step time / eager step time (negative: compiled is slower; 0 if failed)
     compile_seconds: float
     failed: bool = False  # a compiled step gave a non-finite loss
 
@@ -122,7 +122,7 @@ class AutoCompile:
         if self.phase not in ("compiling", "comparing") or self.running != "compiled":
             return None
         self._finish("eager", "a compiled step gave a non-finite loss")
-        self._remember(Measurement(saving=-1.0, compile_seconds=self.compile_seconds, failed=True))
+        self._remember(Measurement(saving=0.0, compile_seconds=self.compile_seconds, failed=True))
         return self._switch("eager")
 
     def _switch(self, to: str | None) -> str | None:
