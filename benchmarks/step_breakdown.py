@@ -11,7 +11,8 @@ optimiser step, gradient clipping and EMA timed (mean ms per step after the firs
 Newton-Schulz FLOPs of its Muon matrices beside the model's FLOPs per step. attention: SDPA against
 q·kᵀ, softmax, ·v, forward and backward, at the bench-256 and demo shapes. attention-compiled: the
 compiled bench-256 training step with SDPA everywhere, with the plain path where both sides have
-at most --limit tokens, and with the plain path everywhere, in interleaved rounds. profile: the
+at most --limit tokens, and with the plain path everywhere, in interleaved rounds (three steps of
+each per round, the first untimed; speed-ups are medians of per-round ratios, with quartiles). profile: the
 compiled bench-256 training step under torch.profiler, by operator.
 """
 
@@ -139,14 +140,21 @@ def attention_compiled(threads: int, limit: int, rounds: int = 10) -> None:
             for _ in range(3):
                 bound()
             steps[(name, rate)] = bound
-    times = {key: [] for key in steps}
+    times = {key: [] for key in steps}  # each round: the median of a variant's 2 timed steps
     for _ in range(rounds):
         for key, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[key].append(time.perf_counter() - start)
+            step()  # follows another variant's step: not timed
+            timed = []
+            for _ in range(2):
+                start = time.perf_counter()
+                step()
+                timed.append(time.perf_counter() - start)
+            times[key].append(statistics.median(timed))
     for (name, rate), t in times.items():
-        print(f"{name:12s} routing {rate}: {1000 * statistics.median(t):.1f} ms/step")
+        ratios = [a / b for a, b in zip(times[("sdpa", rate)], t)]
+        low, _, high = statistics.quantiles(ratios, n=4)
+        print(f"{name:12s} routing {rate}: {1000 * statistics.median(t):.1f} ms/step, "
+              f"{statistics.median(ratios):.3f}x SDPA's speed (quartiles over rounds {low:.3f}-{high:.3f})")
 
 
 def profile(threads: int, rate: float) -> None:
