@@ -42,7 +42,7 @@ from homediff.encoders.text import TextEncoder
 from homediff.models import XUT, XUTConfig
 from homediff.models.flops import forward_flops
 from homediff.training.compiling import compile_backbone
-from homediff.training.components import adamw
+from homediff.training.components import FUSED_ADAMW_DEVICES, adamw
 from homediff.training.config import load_config
 
 
@@ -174,8 +174,8 @@ def main() -> None:
           f"{args.size}x{args.size}, {args.text_tokens} text tokens, {args.threads} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
     print("# " + " ".join(sys.argv))
-    homediff_adamw = "torch's defaults" if args.same_optimizer else (
-        "fused" if adamw([torch.zeros(1)], torch.device("cpu")).defaults["fused"] else "torch's defaults")
+    fused = "cpu" in FUSED_ADAMW_DEVICES and not args.same_optimizer
+    homediff_adamw = "fused" if fused else "torch's defaults"
     print(f"# AdamW: homediff {homediff_adamw}, original torch's defaults")
     print("| implementation | step | routing | ms/step | images/s | GFLOP/image | GFLOP/s | vs rate 0 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -186,11 +186,12 @@ def main() -> None:
         base = statistics.median(times[(impl, mode, 0.0)])
         print(f"| {impl} | {mode} | {rate} | {seconds * 1e3:.1f} | {args.batch / seconds:.1f} | "
               f"{flops / 1e9:.3f} | {flops * args.batch / seconds / 1e9:.1f} | {seconds / base:.2f} |")
+
     def ratio(slow: str, fast: str, mode: str, rate: float) -> str:
         """Median over rounds of the rounds' time ratios (paired in time, so drift cancels), and
         their quartiles."""
         ratios = [a / b for a, b in zip(times[(slow, mode, rate)], times[(fast, mode, rate)])]
-        low, mid, high = statistics.quantiles(ratios, n=4)
+        low, _, high = statistics.quantiles(ratios, n=4)
         return f"{statistics.median(ratios):.2f}x (quartiles over rounds {low:.2f}-{high:.2f})"
 
     reports = []
@@ -211,6 +212,7 @@ def main() -> None:
         print("first compiled calls: " + ", ".join(
             f"{mode} {rate}: {first_calls[('homediff, compiled', mode, rate)]:.1f} s"
             for mode in ("forward", "train") for rate in (0.0, 0.5)))
+
 
 if __name__ == "__main__":
     main()

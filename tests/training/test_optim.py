@@ -6,9 +6,9 @@ import torch
 
 from homediff.models import XUT, XUTConfig
 from homediff.training.components import adamw
-from homediff.training.sharding import load_optimizer_state
 from homediff.training.optim import (EMA, MuonAdamW, fan_in, lr_multiplier, mark_muon_groups,
                                      orthogonalize, parameter_groups, set_lr)
+from homediff.training.sharding import load_optimizer_state
 
 
 def small():

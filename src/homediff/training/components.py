@@ -106,8 +106,8 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 def adamw(params, device: torch.device, **options) -> torch.optim.AdamW:
     """torch's AdamW, fused where the device has the kernel: one pass over each tensor's memory
-    instead of several element-wise operations per tensor (benchmarks/RESULTS.md, "The optimiser's
-    step"). The same update either way, up to rounding."""
+    instead of several element-wise operations per tensor (benchmarks/RESULTS.md, "The step against
+    the original with each side's own AdamW"). The same update either way, up to rounding."""
     return torch.optim.AdamW(params, fused=device.type in FUSED_ADAMW_DEVICES, **options)
 
 
