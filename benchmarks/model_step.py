@@ -16,7 +16,10 @@ only; the compilation time is printed apart).
 is timed under the same autocast too (its training ran under bf16 autocast), and each speed-up
 compares like with like. Each training step ends with the AdamW step its trainer builds (homediff's
 fused where the device has the kernel, the original's torch.optim.AdamW with torch's defaults);
---same-optimizer gives both torch's defaults, to compare the models alone.
+--same-optimizer gives both torch's defaults, to compare the models alone. homediff computes
+attention by the path its trainer would choose here (``models.attention``: timed in float32, and in
+bfloat16 with --bf16, over the attention layers of a step at routing 0.5); --attention sdpa keeps
+SDPA everywhere.
 
 Variants are timed in interleaved rounds, so that load on a shared machine hits all alike: in each
 round each variant takes --repeats steps in a row and the first is not timed (it follows another
@@ -39,7 +42,7 @@ import torch
 
 from homediff.encoders.autoencoders import load_autoencoder
 from homediff.encoders.text import TextEncoder
-from homediff.models import XUT, XUTConfig
+from homediff.models import XUT, XUTConfig, attention
 from homediff.models.flops import forward_flops
 from homediff.training.compiling import compile_backbone
 from homediff.training.components import FUSED_ADAMW_DEVICES, adamw
@@ -124,6 +127,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--bf16", action="store_true", help="also time under bfloat16 autocast")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model")
+    parser.add_argument("--attention", choices=["auto", "sdpa"], default="auto",
+                        help="homediff's attention path: chosen by measurement as in training, or SDPA")
     parser.add_argument("--same-optimizer", action="store_true",
                         help="train both implementations with torch's default AdamW (the models alone)")
     args = parser.parse_args()
@@ -138,6 +143,13 @@ def main() -> None:
         config, sizes = recipe_model(args.config)
         vars(args).update(sizes)
     impls = {"homediff": XUT(config)}
+    if args.attention == "auto":  # as the trainer chooses, for the dtypes timed here
+        layers = impls["homediff"].attention_layers(args.batch, args.size, args.size, args.text_tokens, 0.5)
+        chosen, found = attention.choose_matmul_dtypes(
+            layers, [torch.float32] + [torch.bfloat16] * args.bf16, "cpu")
+        impls["homediff"].use_matmul_attention(chosen)
+    else:
+        found = "SDPA (--attention sdpa)"
     if args.bf16:
         impls["homediff, bf16 autocast"] = impls["homediff"]
     if args.compile:
@@ -177,6 +189,7 @@ def main() -> None:
     fused = "cpu" in FUSED_ADAMW_DEVICES and not args.same_optimizer
     homediff_adamw = "fused" if fused else "torch's defaults"
     print(f"# AdamW: homediff {homediff_adamw}, original torch's defaults")
+    print(f"# homediff's attention: {found}")
     print("| implementation | step | routing | ms/step | images/s | GFLOP/image | GFLOP/s | vs rate 0 |")
     print("|---|---|---|---|---|---|---|---|")
     for (impl, mode, rate), samples in times.items():

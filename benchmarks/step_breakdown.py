@@ -1,19 +1,20 @@
-"""Where a training step's time goes, and whether a plain attention path beats SDPA's for short
-sequences (benchmarks/RESULTS.md, "Leads for the last steps of speed").
+"""Where a training step's time goes, and which attention path is faster at short sequences
+(benchmarks/RESULTS.md, "Leads for the last steps of speed" and "Attention by matrix products").
 
     python benchmarks/step_breakdown.py phases [--config configs/tiny-emoji.toml --steps 80]
     python benchmarks/step_breakdown.py attention [--threads 1|2]
-    python benchmarks/step_breakdown.py attention-compiled [--threads 2 --limit 200]
+    python benchmarks/step_breakdown.py attention-compiled [--threads 2]
     python benchmarks/step_breakdown.py profile [--threads 2 --rate 0.5]
 
 phases: a real run of the recipe in one process, eager, with the trainer's forward+backward,
 optimiser step, gradient clipping and EMA timed (mean ms per step after the first 20), and the
 Newton-Schulz FLOPs of its Muon matrices beside the model's FLOPs per step. attention: SDPA against
-q·kᵀ, softmax, ·v, forward and backward, at the bench-256 and demo shapes. attention-compiled: the
-compiled bench-256 training step with SDPA everywhere, with the plain path where both sides have
-at most --limit tokens, and with the plain path everywhere, in interleaved rounds (three steps of
-each per round, the first untimed; speed-ups are medians of per-round ratios, with quartiles). profile: the
-compiled bench-256 training step under torch.profiler, by operator.
+the matmul path (``models.attention``), forward and backward, in float32 and bfloat16, at the
+bench-256 and demo shapes. attention-compiled: the compiled bench-256 training step with SDPA
+everywhere and with the matmul path everywhere, in float32 and under bfloat16 autocast, in
+interleaved rounds (three steps of each per round, the first untimed; speed-ups are medians of
+per-round ratios, with quartiles). profile: the compiled bench-256 training step under
+torch.profiler, by operator.
 """
 
 from __future__ import annotations
@@ -30,14 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from homediff.models import XUT, XUTConfig
+from homediff.models.attention import matmul_attention
 from model_step import make_step
 
 BENCH = Path(__file__).parent / "archs" / "bench-256.json"
-
-
-def plain_attention(q, k, v):
-    """(B, H, N, Dh) attention as three products and a softmax."""
-    return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ v
 
 
 def phases(config_path: Path, steps: int) -> None:
@@ -93,13 +90,15 @@ def phases(config_path: Path, steps: int) -> None:
 
 def attention(threads: int, rounds: int = 15) -> None:
     torch.set_num_threads(threads)
-    paths = {"sdpa": F.scaled_dot_product_attention, "plain": plain_attention}
+    paths = {"sdpa": F.scaled_dot_product_attention, "matmul": matmul_attention}
     for shape in [(8, 4, 288, 64), (8, 4, 160, 64), (32, 4, 84, 32), (32, 4, 52, 32)]:
         steps = {}
-        for name, path in paths.items():
-            q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-            grad = torch.randn(shape)
-            steps[name] = lambda path=path, q=q, k=k, v=v, grad=grad: path(q, k, v).backward(grad)
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, path in paths.items():
+                q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+                grad = torch.randn(shape, dtype=dtype)
+                steps[f"{name} {str(dtype)[6:]}"] = (
+                    lambda path=path, q=q, k=k, v=v, grad=grad: path(q, k, v).backward(grad))
         times = {name: [] for name in steps}
         for round_ in range(rounds + 2):
             for name, step in steps.items():
@@ -115,31 +114,20 @@ def bench_model() -> XUT:
     return XUT(XUTConfig.from_hdm_config(json.loads(BENCH.read_text())))
 
 
-def attention_compiled(threads: int, limit: int, rounds: int = 10) -> None:
-    import homediff.models.layers as layers
-
+def attention_compiled(threads: int, rounds: int = 10) -> None:
     torch.set_num_threads(threads)
-    sdpa = layers._attend
-
-    def mixed(q, k, v, limit=limit):
-        if q.shape[1] > limit or k.shape[1] > limit:
-            return sdpa(q, k, v)
-        return plain_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).flatten(2)
-
+    models = {"sdpa": bench_model(), "matmul": bench_model()}
+    models["matmul"].use_matmul_attention([torch.float32, torch.bfloat16])
     steps = {}
-    for name, path in [("sdpa", sdpa), (f"plain <= {limit}", mixed), ("plain", lambda q, k, v: mixed(q, k, v, 10**9))]:
-        layers._attend = path
-        model = torch.compile(bench_model(), dynamic=False)
-        for rate in (0.0, 0.5):
-            step = make_step(model, False, rate, True, False, False, 8, 32, 32, model.config.ctx_dim,
-                             model.config.in_channels)
-
-            def bound(step=step, path=path):  # the path is a global the compiled graphs guard on
-                layers._attend = path
-                step()
-            for _ in range(3):
-                bound()
-            steps[(name, rate)] = bound
+    for name, model in models.items():
+        compiled = torch.compile(model)
+        for bf16 in (False, True):
+            for rate in (0.0, 0.5):
+                step = make_step(compiled, False, rate, True, bf16, False, 8, 32, 32,
+                                 model.config.ctx_dim, model.config.in_channels)
+                for _ in range(3):
+                    step()
+                steps[(name, bf16, rate)] = step
     times = {key: [] for key in steps}  # each round: the median of a variant's 2 timed steps
     for _ in range(rounds):
         for key, step in steps.items():
@@ -150,10 +138,11 @@ def attention_compiled(threads: int, limit: int, rounds: int = 10) -> None:
                 step()
                 timed.append(time.perf_counter() - start)
             times[key].append(statistics.median(timed))
-    for (name, rate), t in times.items():
-        ratios = [a / b for a, b in zip(times[("sdpa", rate)], t)]
+    for (name, bf16, rate), t in times.items():
+        ratios = [a / b for a, b in zip(times[("sdpa", bf16, rate)], t)]
         low, _, high = statistics.quantiles(ratios, n=4)
-        print(f"{name:12s} routing {rate}: {1000 * statistics.median(t):.1f} ms/step, "
+        precision = "bf16 autocast" if bf16 else "float32"
+        print(f"{name:6s} {precision:13s} routing {rate}: {1000 * statistics.median(t):.1f} ms/step, "
               f"{statistics.median(ratios):.3f}x SDPA's speed (quartiles over rounds {low:.3f}-{high:.3f})")
 
 
@@ -177,7 +166,6 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/tiny-emoji.toml"))
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--rate", type=float, default=0.5)
     args = parser.parse_args()
     if args.what == "phases":
@@ -186,7 +174,7 @@ def main() -> None:
     elif args.what == "attention":
         attention(args.threads)
     elif args.what == "attention-compiled":
-        attention_compiled(args.threads, args.limit)
+        attention_compiled(args.threads)
     else:
         profile(args.threads, args.rate)
 

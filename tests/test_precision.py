@@ -283,6 +283,42 @@ def test_trainer_records_its_choices_and_a_resume_reuses_them(assets, tmp_path, 
     assert resumed.text_encoder.model.dtype == torch.bfloat16
 
 
+def attention_measured(speedups: dict):
+    """bfloat16 products measured fast; the matmul attention path's speedup by dtype as given."""
+    return measured_with(lambda shape, device: FAST,
+                         lambda layers, dtype, device: speedups[str(dtype).removeprefix("torch.")])
+
+
+def test_the_attention_path_is_chosen_per_dtype_before_the_autocast_step_and_reused(assets, tmp_path,
+                                                                                    monkeypatch):
+    """The matmul path where measured faster: in bfloat16 only here, which the autocast step is
+    timed with; recorded, and reused on resume where it now measures slower. Where bfloat16 products
+    are slow, attention is not even timed in bfloat16."""
+    config = auto_config(assets)
+    checked = autocast_checked(monkeypatch, FAST)
+    with attention_measured({"float32": 1.0, "bfloat16": 3.0}):
+        first = Trainer(config, tmp_path / "run", max_steps=2)
+    assert first.precision.attention == ("bfloat16",)
+    assert checked[0].matmul_attention_dtypes == {torch.bfloat16}
+    assert first.unwrapped.matmul_attention_dtypes == {torch.bfloat16}
+    first.run()
+    with attention_measured({"float32": 1.0, "bfloat16": 1.0}):
+        resumed = Trainer(config, tmp_path / "run", resume="latest")
+    assert resumed.precision == first.precision
+    assert resumed.unwrapped.matmul_attention_dtypes == {torch.bfloat16}
+
+    timed = []
+
+    def attention_speedup(layers, dtype, device):
+        timed.append(dtype)
+        return 3.0
+    with measured_with(lambda shape, device: SLOW, attention_speedup):
+        slow = Trainer(config, tmp_path / "slow")
+    assert timed == [torch.float32] and slow.precision.autocast is None
+    assert slow.precision.attention == ("float32",)
+    assert slow.unwrapped.matmul_attention_dtypes == {torch.float32}
+
+
 def test_a_resume_on_another_machine_measures_again(assets, tmp_path, monkeypatch):
     config = auto_config(assets)
     autocast_checked(monkeypatch, FAST)

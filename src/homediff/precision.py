@@ -51,7 +51,10 @@ PROBE_REPEATS = 5  # timings of each dtype in a probe; the fastest counts
 
 #: ``measure(shape, device)``: bfloat16's speedup over float32 for products of ``shape`` (m, k, n).
 Measure = Callable[[tuple[int, int, int], torch.device], float]
-_injected: list[Measure] = []  # the innermost ``measured_with`` last
+#: ``measure(layers, dtype, device)``: the matmul attention path's speedup over SDPA over a step's
+#: attention layers (``models.attention``: their description in words).
+AttentionMeasure = Callable[[str, torch.dtype, torch.device], float]
+_injected: list[tuple[Measure, AttentionMeasure]] = []  # the innermost ``measured_with`` last
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,16 @@ def probe_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(sides)
 
 
+def _sdpa_as_fast(layers, dtype, device) -> float:
+    return 1.0
+
+
 @contextlib.contextmanager
-def measured_with(measure: Measure) -> Iterator[None]:
+def measured_with(measure: Measure, attention: AttentionMeasure = _sdpa_as_fast) -> Iterator[None]:
     """Within the block, every ``"auto"`` decision on a CPU takes bfloat16's speedup from
-    ``measure(shape, device)`` instead of timing it, and nothing is remembered."""
-    _injected.append(measure)
+    ``measure(shape, device)`` and the matmul attention path's from ``attention(layers, dtype,
+    device)`` (by default no faster than SDPA) instead of timing them, and nothing is remembered."""
+    _injected.append((measure, attention))
     try:
         yield
     finally:
@@ -170,19 +178,35 @@ def speedup_at(shape: tuple[int, int, int], device: torch.device | str) -> float
     bucket; else measured on the bucket's product (``measure_speedup``) and remembered."""
     device = torch.device(device)
     if _injected:
-        return _injected[-1](tuple(shape), device)
+        return _injected[-1][0](tuple(shape), device)
     bucket = probe_shape(shape)
-    name = "x".join(map(str, bucket))
+    return _remembered("x".join(map(str, bucket)), device, lambda: measure_speedup(bucket, device))
+
+
+def attention_speedup(layers: str, dtype: torch.dtype, device: torch.device | str,
+                      measure: Callable[[], float]) -> float:
+    """The matmul attention path's speedup over SDPA over a step's attention ``layers`` (in words)
+    in ``dtype`` on a CPU, at this run's thread count: from ``measured_with`` inside one; else
+    remembered for this machine; else ``measure()`` (``models.attention.matmul_speedup``),
+    remembered."""
+    device = torch.device(device)
+    if _injected:
+        return _injected[-1][1](layers, dtype, device)
+    name = f"attention {layers} {str(dtype).removeprefix('torch.')} {torch.get_num_threads()} threads"
+    return _remembered(name, device, measure)
+
+
+def _remembered(name: str, device: torch.device, measure: Callable[[], float]) -> float:
+    """The ratio remembered under ``name`` for this machine and torch, else ``measure()``, remembered."""
     store, key = _memory(), _memory_key(device)
     known = _speedups(store.get(key))
     if name in known:
         return known[name]
-    speedup = measure_speedup(bucket, device)
-    known = {**_speedups(store.get(key)), name: speedup}  # with what other processes added meanwhile
+    ratio = measure()
+    known = {**_speedups(store.get(key)), name: ratio}  # with what other processes added meanwhile
     store.put(key, {"machine": machine_key(device), "torch": torch.__version__, "speedups": known})
-    logger.debug("bfloat16 at %s measured %.3g× float32's speed; remembered in %s", name, speedup,
-                 store.path(key))
-    return speedup
+    logger.debug("%s measured %.3g×; remembered in %s", name, ratio, store.path(key))
+    return ratio
 
 
 def measure_speedup(shape: tuple[int, int, int], device: torch.device | str, threads: int = 1) -> float:
@@ -204,7 +228,8 @@ def measure_speedup(shape: tuple[int, int, int], device: torch.device | str, thr
 
 def remembered() -> list[dict]:
     """Every remembered measurement file: ``{"file", "machine", "torch", "speedups", "current"}``
-    (``current``: this CPU's and this torch's; ``speedups`` by bucket ``MxKxN``)."""
+    (``current``: this CPU's and this torch's; ``speedups``: bfloat16's by product bucket ``MxKxN``,
+    and the matmul attention path's as ``attention LAYERS dtype T threads``)."""
     store, entries = _memory(), []
     current = store.path(_memory_key(torch.device("cpu")))
     for path in sorted(store.folder.glob(f"*{store.suffix}")):

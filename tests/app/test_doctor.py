@@ -12,6 +12,7 @@ from homediff import precision
 from homediff.app.cli import main
 from homediff.app.cli.doctor import lines
 from homediff.app.doctor import EXTRAS, _time_in_processes, remembered_precisions
+from homediff.models.attention import choose_matmul_dtypes
 from homediff.training.timing import time_steps
 from homediff.precision import DTYPES
 
@@ -73,6 +74,7 @@ def test_doctor_chosen_precisions_are_dtype_names(found):
     assert chosen["device"] in ("cpu", "cuda")
     for key in ("text_encoder", "muon", "mixed_precision"):
         assert chosen[key] in DTYPES, key
+    assert set(chosen["matmul_attention"]) <= {"float32", chosen["mixed_precision"]}
 
 
 def test_doctor_report_reads(found):
@@ -106,7 +108,12 @@ def test_doctor_shows_and_clears_the_remembered_precisions(found, tmp_path, monk
     assert entry["current"] and list(entry["speedups"]) == ["256x256x256"]
     assert entry["torch"] == torch.__version__ and entry["machine"] == precision.machine_key("cpu")
     text = "\n".join(lines({**found, "remembered_precision": memory}))
-    assert f"remembered bfloat16 speed here: 256x256x256 {entry['speedups']['256x256x256']:.2g}×" in text
+    assert f"remembered bfloat16 speed here: 256x256x256 {entry['speedups']['256x256x256']:.2g}× (in" in text
+    choose_matmul_dtypes((((2, 2, 16, 8), 3),), [torch.float32], "cpu")
+    text = "\n".join(lines({**found, "remembered_precision": remembered_precisions()}))
+    threads = torch.get_num_threads()
+    assert (f"remembered bfloat16 speed here: 256x256x256 {entry['speedups']['256x256x256']:.2g}×; "
+            f"matmul attention over SDPA: 3×2×2×16×8 float32 {threads} threads ") in text
     assert main(["doctor", "--clear-precision-cache"]) == 0
     assert f"forgot 1 file(s) of remembered precision measurements in {memory['folder']}" in (
         capsys.readouterr().out)

@@ -57,13 +57,15 @@ MODELS = {
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 @pytest.mark.parametrize("batch, rate", [(1, 0.5), (2, 0.5), (2, 0.0)])
-def test_the_activation_formula_is_what_autograd_keeps(name, autocast, batch, rate, one_thread):
+@pytest.mark.parametrize("matmul", [False, True], ids=["sdpa", "matmul-attention"])
+def test_the_activation_formula_is_what_autograd_keeps(name, autocast, batch, rate, matmul, one_thread):
     torch.manual_seed(0)
     settings = dict(dim=64, ctx_dim=48, head_dim=16, mlp_dim=96, depth=2, enc_blocks=1, dec_blocks=2,
                     tread_pre_blocks=1, tread_post_blocks=1)
     config = XUTConfig(**{**settings, **MODELS[name]})
     model = XUT(config).train()
-    shape = StepShape(batch, 4, 8, 8, 5, rate, 2 if autocast else 4)
+    model.use_matmul_attention([torch.float32, torch.bfloat16] if matmul else [])
+    shape = StepShape(batch, 4, 8, 8, 5, rate, 2 if autocast else 4, matmul)
     predicted, saved = activations(model, shape).saved, saved_bytes(model, shape)
     if name == "no pre-routing block" and autocast and rate:
         # no preset has this: the float32 embedding meets the bfloat16 span at the merge, which the
@@ -153,7 +155,7 @@ def test_checkpointing_lowers_the_estimate_and_the_total_is_the_largest_phase():
     parts = whole.parts
     steady = sum(v for k, v in parts.items() if k not in memory.PHASES)
     assert whole.total == steady + max(parts[k] for k in memory.PHASES)
-    assert whole.precisions == {"autocast": "bfloat16", "text": "bfloat16"}
+    assert whole.precisions == {"autocast": "bfloat16", "text": "bfloat16", "attention": []}  # SDPA on GPUs
 
 
 def test_a_cpu_estimate_counts_the_runtime_measured_and_reading_the_text_encoder(tmp_path):
@@ -164,6 +166,9 @@ def test_a_cpu_estimate_counts_the_runtime_measured_and_reading_the_text_encoder
     assert parts["text encoder loading"] == 2 * parts["text encoder weights"]  # stored in float32
     assert estimate.total >= parts["runtime"] + parts["text encoder loading"]
     assert parts["data batches"] == 2 * 4 * 8 * 8 * 5 * 4  # both micro-batches of a step
+    matmul = estimate_memory(config, 0, device="cpu",
+                             precisions={"autocast": None, "text": "float32", "attention": ["float32"]})
+    assert matmul.parts["activations"] > parts["activations"]  # the scores kept for the backward pass
 
 
 def test_the_phases_combine_as_a_step_runs():

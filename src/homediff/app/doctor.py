@@ -136,8 +136,9 @@ def cairo() -> dict:
 
 def auto_precisions() -> dict:
     """The dtypes ``"auto"`` chooses on the device a run would use: the default text encoder's
-    (its default options), and Muon's and mixed precision's (float32: autocast off) for the
-    packaged ``tiny-emoji`` recipe (measured here, as its run would measure them)."""
+    (its default options), and Muon's, mixed precision's (float32: autocast off) and those in which
+    attention takes the matmul path for the packaged ``tiny-emoji`` recipe (measured here, as its
+    run would measure them)."""
     from homediff.app.demo import recipe
     from homediff.encoders.text import DEFAULT_TEXT_ENCODER, TextEncoder
     from homediff.precision import resolve_device
@@ -148,7 +149,8 @@ def auto_precisions() -> dict:
     chosen = choose_precisions(load_config(recipe("tiny-emoji")), device)
     text = TextEncoder.from_pretrained(DEFAULT_TEXT_ENCODER).to(device)
     return {"device": device.type, "text_encoder": str(text.model.dtype).removeprefix("torch."),
-            "muon": chosen.muon, "mixed_precision": chosen.autocast or "float32"}
+            "muon": chosen.muon, "mixed_precision": chosen.autocast or "float32",
+            "matmul_attention": list(chosen.attention)}
 
 
 def remembered_precisions() -> dict:

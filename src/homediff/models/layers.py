@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from homediff.models.attention import attend
 from homediff.models.rope import AxialRoPE, rotate
 
 
@@ -122,18 +123,14 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(a) * b)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention over (B, N, H, Dh) tensors, one fused kernel, returning (B, N, H·Dh)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
-
-
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with axial RoPE on queries and keys; no mask."""
+    """Multi-head self-attention with axial RoPE on queries and keys; no mask. ``matmul_dtypes``:
+    where the attention takes the matmul path (``models.attention``)."""
 
     def __init__(self, dim: int, head_dim: int, rope_init: str):
         super().__init__()
         self.heads, self.head_dim = dim // head_dim, head_dim
+        self.matmul_dtypes: frozenset[torch.dtype] = frozenset()
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
         self.rope = AxialRoPE(self.heads, head_dim, rope_init)
@@ -141,7 +138,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
         rotation = self.rope.rotation(pos)
-        return self.out(_attend(rotate(q, rotation), rotate(k, rotation), v))
+        return self.out(attend(rotate(q, rotation), rotate(k, rotation), v, self.matmul_dtypes))
 
 
 class CrossAttention(nn.Module):
@@ -150,6 +147,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, ctx_dim: int, head_dim: int, rope_init: str):
         super().__init__()
         self.heads, self.head_dim = dim // head_dim, head_dim
+        self.matmul_dtypes: frozenset[torch.dtype] = frozenset()
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(ctx_dim, 2 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
@@ -159,7 +157,7 @@ class CrossAttention(nn.Module):
         rotation = self.rope.rotation(pos)
         q = rotate(self.q(x).unflatten(-1, (self.heads, self.head_dim)), rotation)
         k, v = self.kv(ctx).unflatten(-1, (2, self.heads, self.head_dim)).unbind(2)
-        return self.out(_attend(q, rotate(k, rotation), v))
+        return self.out(attend(q, rotate(k, rotation), v, self.matmul_dtypes))
 
 
 class Block(nn.Module):

@@ -29,8 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from homediff.errors import ConfigError
 from homediff.geometry import canonical_grid, resize_to_patches
 from homediff.models import tread
-from homediff.models.layers import (Block, Modulations, PatchEmbed, TimestepEmbedding, UnPatch,
-                                    modulation, shared_adaln)
+from homediff.models.layers import (Block, CrossAttention, Modulations, PatchEmbed, SelfAttention,
+                                    TimestepEmbedding, UnPatch, modulation, shared_adaln)
 
 
 @dataclass
@@ -201,6 +201,7 @@ class XUT(nn.Module):
     def __init__(self, config: XUTConfig):
         super().__init__()
         self.config = c = config
+        self.matmul_attention_dtypes: frozenset[torch.dtype] = frozenset()  # see use_matmul_attention
 
         def make_block(cross: bool = False) -> Block:
             return Block(c.dim, c.head_dim, c.mlp_dim, c.rope_init, cross=cross)
@@ -239,6 +240,28 @@ class XUT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def use_matmul_attention(self, dtypes) -> None:
+        """Compute attention by the matmul path in these dtypes (``models.attention``), by SDPA in
+        any other; none (the default): SDPA everywhere."""
+        self.matmul_attention_dtypes = frozenset(dtypes)
+        for module in self.modules():
+            if isinstance(module, (SelfAttention, CrossAttention)):
+                module.matmul_dtypes = self.matmul_attention_dtypes
+
+    def attention_layers(self, batch: int, height: int, width: int, text_tokens: int,
+                         tread_rate: float) -> tuple[tuple[tuple[int, int, int, int], int], ...]:
+        """The attention of a step on (batch, C, height, width) inputs: each (B, heads, tokens,
+        head width) and how many layers attend at it (the routed core sees the kept tokens)."""
+        c = self.config
+        heads, n_image = c.dim // c.head_dim, (height // c.patch_size) * (width // c.patch_size)
+        full = n_image + text_tokens
+        core = (tread.kept_count(n_image, tread_rate) if tread_rate > 0 else n_image) + text_tokens
+        core_layers = (sum(c.block_counts("enc_blocks")) + sum(c.block_counts("dec_blocks"))
+                       + (c.depth if c.skip != "none" else 0))
+        counts = {full: c.tread_pre_blocks + c.tread_post_blocks}
+        counts[core] = counts.get(core, 0) + core_layers
+        return tuple(((batch, heads, tokens, c.head_dim), count) for tokens, count in counts.items() if count)
 
     def routing_rate(self, tread_rate: float | None) -> float:
         """None: the configured rate when training, none in eval mode; 0: no routing."""

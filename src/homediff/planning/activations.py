@@ -17,7 +17,11 @@ cross-attention float32: norm (1 + d), angles and table (3d/2), q upcast for RoP
                 cast: the skip (d), kv (2d), rotated q and k (2d), output (d), out projection (d)
 =============== ====================================================================================
 
-and per sample a (1, d) float32 norm gain per modulated norm; per attention its RoPE frequencies;
+Where attention takes the matmul path (``models.attention``), each attention keeps its tokens²
+probabilities per head (float32, and under autocast their compute-dtype copy) instead of the
+log-sum-exp, and with more than one sample a contiguous copy of its values (d, compute) instead
+of (under autocast) its projection's output; and per sample a (1, d) float32 norm gain per modulated norm; per attention its RoPE
+frequencies;
 under autocast the compute-dtype copy of every weight matrix whose layer's input needs a gradient.
 Outside the blocks: the conditioning (time, aspect and pooled-text embeddings, the three shared
 adaLN networks, per sample), the noisy latents and text states (inputs of the patch embedding and
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from homediff.models.attention import MAX_SCORES
 from homediff.models.tread import kept_count
 from homediff.models.xut import XUTConfig
 
@@ -66,6 +71,7 @@ class StepShape:
     text_tokens: int
     tread_rate: float
     compute: int = F32
+    matmul_attention: bool = False  # attention by the matmul path (``models.attention``) where it may
 
     @property
     def autocast(self) -> bool:
@@ -109,6 +115,19 @@ def _block(c: XUTConfig, name: str, shape: StepShape, tokens: int, cross: bool, 
     rope = attentions * (c.dim // c.head_dim) * (c.head_dim // 4) * 2 * F32
     casts = matrix_weights * shape.compute if shape.autocast else 0
     per_sample = tokens * per_token + norms * c.dim * F32
+    heads = c.dim // c.head_dim
+    if shape.matmul_attention and shape.batch * heads * tokens * tokens <= MAX_SCORES:
+        # the float32 softmax output and, under autocast, its compute-dtype copy, for each
+        # attention's tokens² scores per head, where SDPA keeps a log-sum-exp per token and head
+        probabilities = F32 + (shape.compute if shape.autocast else 0)
+        per_sample += attentions * tokens * heads * (tokens * probabilities - F32)
+        if shape.batch > 1:
+            # the batched product takes a contiguous copy of the values (d); under autocast that
+            # copy was the last use of the projection holding them (qkv, 3d; kv, 2d), since RoPE
+            # keeps float32 copies of q and k
+            per_sample += attentions * tokens * shape.compute * c.dim
+            if shape.autocast:
+                per_sample -= tokens * shape.compute * c.dim * (3 + (2 if cross else 0))
     return Segment(name, shape.batch * per_sample + rope + casts, shape.batch * tokens * input_bytes * c.dim,
                    shape.batch * tokens * transient, weights, casts)
 

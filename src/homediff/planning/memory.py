@@ -88,8 +88,9 @@ def estimate_memory(config: TrainConfig, stage_index: int, *, micro_batch: int |
     gradient checkpointing (default the config's); ``sharding``: "ddp" or "fsdp" over
     ``processes``; ``device``: "cuda" (allocated tensors) or "cpu" (the process's resident memory).
     ``precisions``: the trainer's choices (``training.precisions.choose_precisions``: "autocast",
-    "text"); by default decided as the trainer would on that device, on a CPU by a matrix-product
-    probe where the config says "auto"."""
+    "text", and "attention", the dtypes of its matmul attention path); by default decided as the
+    trainer would on that device, on a CPU by a matrix-product and an attention probe where the
+    config says "auto"."""
     if sharding not in SHARDINGS:
         raise ConfigError(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
     if processes < 1 or (micro_batch is not None and micro_batch < 1):
@@ -108,7 +109,10 @@ def estimate_memory(config: TrainConfig, stage_index: int, *, micro_batch: int |
         chosen = {**decide_precisions(config, shapes, model.config, device), **chosen}
     compute = BYTES[chosen["autocast"]] if chosen["autocast"] else F32
     side = stage.resolution // shapes.factor
-    step = acts.StepShape(batch, shapes.channels, side, side, stage.text_length, stage.tread_rate, compute)
+    if "attention" not in chosen:
+        chosen["attention"] = _matmul_attention(model, batch, side, stage, chosen["autocast"], device)
+    step = acts.StepShape(batch, shapes.channels, side, side, stage.text_length, stage.tread_rate, compute,
+                          (chosen["autocast"] or "float32") in chosen["attention"])
     shard = processes if sharding == "fsdp" and processes > 1 else 1
 
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -184,6 +188,24 @@ def decide_precisions(config: TrainConfig, shapes: EncoderShapes, model_config, 
     text = precision.choose_matmul_dtype(config.text_encoder.options.dtype, "cpu", (rows, hidden, width),
                                          "text encoder").name
     return {"autocast": autocast, "text": text}
+
+
+def _matmul_attention(model, batch: int, side: int, stage, autocast: str | None,
+                      device: str) -> list[str]:
+    """The dtypes in which the trainer's attention would take the matmul path, as it decides
+    (``training.precisions``): only on a CPU, by a probe over the step's attention layers
+    (remembered)."""
+    import torch
+
+    from homediff import precision
+    from homediff.models import attention
+
+    if device != "cpu":
+        return []
+    layers = model.attention_layers(batch, side, side, stage.text_length, stage.tread_rate)
+    dtypes = [torch.float32] + ([precision.DTYPES[autocast]] if autocast else [])
+    chosen, _ = attention.choose_matmul_dtypes(layers, dtypes, "cpu")
+    return sorted(str(dtype).removeprefix("torch.") for dtype in chosen)
 
 
 @functools.lru_cache(maxsize=8)

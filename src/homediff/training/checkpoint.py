@@ -254,16 +254,20 @@ class Precisions:
     autocast: str | None  # autocast's dtype; None: off (float32)
     muon: str | None  # Muon's Newton-Schulz iteration; None without Muon
     text: str  # the text encoder's
+    attention: tuple[str, ...] = ()  # the dtypes in which attention takes the matmul path
 
     def describe(self) -> str:
-        return f"autocast {self.autocast or 'off'}, Muon {self.muon or '-'}, text encoder {self.text}"
+        return (f"autocast {self.autocast or 'off'}, Muon {self.muon or '-'}, text encoder "
+                f"{self.text}, matmul attention in {', '.join(self.attention) or 'none'}")
 
     @classmethod
     def from_saved(cls, fields: dict | None) -> Precisions | None:
         """The choices as saved; None where a checkpoint of an earlier version holds fewer (the
         choices are then made again)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: fields[k] for k in names}) if fields and names <= set(fields) else None
+        if not fields or not names <= set(fields):
+            return None
+        return cls(**{k: tuple(fields[k]) if k == "attention" else fields[k] for k in names})
 
 
 @dataclass

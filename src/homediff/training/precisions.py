@@ -5,9 +5,11 @@ decided in two steps: bfloat16's speedup on the model's largest products (``prec
 a probe of bounded size, remembered per machine), which settles it where bfloat16 is emulated (a
 CPU without bfloat16 kernels runs it many times slower); where that speedup is large enough, a
 training step timed and compared with and without bfloat16 autocast. Muon's Newton-Schulz dtype and
-the text encoder's dtype are chosen by the speedup on their products when set to ``"auto"``. A
-resumed run on the same machine reuses its checkpoint's choices, so that it continues with the same
-numerics.
+the text encoder's dtype are chosen by the speedup on their products when set to ``"auto"``. On a
+CPU, attention's path (``models.attention``) is timed in float32 and in the autocast dtype over the
+first stage's attention layers, before the autocast step is, so that a bfloat16 step is timed with
+the attention it would run. A resumed run on the same machine reuses its checkpoint's choices, so
+that it continues with the same numerics.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 
 from homediff import precision
+from homediff.models import attention
 from homediff.training.checkpoint import Precisions
 from homediff.training.config import TrainConfig
 from homediff.training.objective import LossSettings, flow_matching_loss
@@ -74,12 +77,21 @@ def choose_precisions(config: TrainConfig, device: torch.device, parts: tuple | 
     machine = precision.machine_key(device)
     reuse = saved if saved and saved.machine == machine else None
     autocast = {"no": None, "bf16": "bfloat16", "fp16": "float16"}.get(accelerator_precision(config))
-    if config.train.mixed_precision == "auto" and not launched_precision() and device.type == "cpu":
-        if reuse:  # None (float32) is a choice too
-            autocast = reuse.autocast
-        else:
+    auto = config.train.mixed_precision == "auto" and not launched_precision() and device.type == "cpu"
+    if reuse:
+        matmul_attention = reuse.attention
+        autocast = reuse.autocast if auto else autocast  # None (float32) is a choice too
+    else:
+        layers = _attention_layers(config, model, latent_factor)
+        dtypes = [torch.float32] + ([precision.DTYPES[autocast]] if autocast and not auto else [])
+        model.use_matmul_attention(_choose_attention(layers, dtypes, device, agree))
+        if auto:
             autocast = _choose_autocast(config, model, text_encoder.dim, latent_channels,
                                         latent_factor, device, agree)
+        computed = {torch.float32} | ({precision.DTYPES[autocast]} if autocast else set())
+        matmul_attention = tuple(sorted(str(dtype).removeprefix("torch.")
+                                        for dtype in model.matmul_attention_dtypes & computed))
+    model.use_matmul_attention(precision.DTYPES[name] for name in matmul_attention)
     muon = None
     if config.optimizer.name == "muon":
         setting = config.optimizer.muon_dtype
@@ -91,7 +103,7 @@ def choose_precisions(config: TrainConfig, device: torch.device, parts: tuple | 
     if config.text_encoder.options.dtype == "auto" and reuse:
         text = reuse.text
         text_encoder.to(dtype=precision.DTYPES[text])
-    return Precisions(machine, autocast, muon, text)
+    return Precisions(machine, autocast, muon, text, matmul_attention)
 
 
 def _choose_autocast(config: TrainConfig, model: torch.nn.Module, text_dim: int, channels: int,
@@ -104,6 +116,9 @@ def _choose_autocast(config: TrainConfig, model: torch.nn.Module, text_dim: int,
         logger.info("CPU mixed precision: float32 (bf16 matrix products measured %.2f× float32's "
                     "speed at the model's sizes)", products)
         return None
+    layers = _attention_layers(config, model, factor)
+    model.use_matmul_attention(model.matmul_attention_dtypes
+                               | _choose_attention(layers, [torch.bfloat16], device, agree))
     probe = _probe_model(model, device)
     check = precision.check_autocast(
         probe, _probe_loss(probe, config, text_dim, channels, factor, device), device)
@@ -122,6 +137,20 @@ def _step_shape(config: TrainConfig, model: torch.nn.Module, factor: int) -> tup
     stage, c = config.stages[0], model.config
     side = stage.resolution // factor // c.patch_size
     return stage.batch_size * (side * side + stage.text_length), c.dim, c.mlp_dim
+
+
+def _attention_layers(config: TrainConfig, model: torch.nn.Module, factor: int):
+    """The attention layers of a first-stage training step (``XUT.attention_layers``)."""
+    stage = config.stages[0]
+    side = stage.resolution // factor
+    return model.attention_layers(stage.batch_size, side, side, stage.text_length, stage.tread_rate)
+
+
+def _choose_attention(layers, dtypes: list[torch.dtype], device: torch.device,
+                      agree: Callable[[float], float]) -> frozenset[torch.dtype]:
+    chosen, found = attention.choose_matmul_dtypes(layers, dtypes, device, agree)
+    logger.info("attention: %s", found)
+    return chosen
 
 
 def _newton_schulz_shape(model: torch.nn.Module) -> tuple[int, int, int]:

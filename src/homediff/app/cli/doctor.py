@@ -50,12 +50,17 @@ def _rates(gflops: dict) -> str:
 
 
 def _remembered(memory: dict) -> str:
-    """The remembered bfloat16/float32 speed ratios of this machine, by product (m×k×n)."""
-    here = [entry for entry in memory["entries"] if entry["current"]]
-    ratios = ", ".join(f"{bucket} {ratio:.2g}×" for entry in here
-                       for bucket, ratio in entry["speedups"].items())
-    others = len(memory["entries"]) - len(here)
-    return (f"bfloat16 speed here: {ratios or 'nothing measured yet'} (in {memory['folder']}"
+    """The remembered bfloat16/float32 speed ratios of this machine, by product (m×k×n), and the
+    matmul attention path's over SDPA, by shape, dtype and threads."""
+    current = [entry for entry in memory["entries"] if entry["current"]]
+    here = [(name, ratio) for entry in current for name, ratio in entry["speedups"].items()]
+    ratios = ", ".join(f"{name} {ratio:.2g}×" for name, ratio in here if not name.startswith("attention "))
+    attention = ", ".join(f"{name.removeprefix('attention ')} {ratio:.2g}×" for name, ratio in here
+                          if name.startswith("attention "))
+    others = len(memory["entries"]) - len(current)
+    return (f"bfloat16 speed here: {ratios or 'nothing measured yet'}"
+            + (f"; matmul attention over SDPA: {attention}" if attention else "")
+            + f" (in {memory['folder']}"
             + (f"; {others} file(s) of other machines or torch versions" if others else "")
             + "; --clear-precision-cache forgets them)")
 
@@ -80,7 +85,8 @@ def lines(found: dict) -> list[str]:
     p = found["precision"]
     out.append(f"auto       error: {p['error']}" if "error" in p else
                f"auto       on {p['device']}: text encoder {p['text_encoder']}, Muon {p['muon']}, "
-               f"mixed precision {p['mixed_precision']}")
+               f"mixed precision {p['mixed_precision']}, matmul attention in "
+               f"{', '.join(p['matmul_attention']) or 'none (SDPA)'}")
     out.append(f"remembered {_remembered(found['remembered_precision'])}")
     extras = found["extras"]
     present = [name for name, e in extras.items() if e["importable"]]
