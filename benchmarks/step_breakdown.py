@@ -4,7 +4,7 @@
     python benchmarks/step_breakdown.py phases [--config configs/tiny-emoji.toml --steps 80]
     python benchmarks/step_breakdown.py attention [--threads 1|2]
     python benchmarks/step_breakdown.py attention-compiled [--threads 2]
-    python benchmarks/step_breakdown.py profile [--threads 2 --rate 0.5]
+    python benchmarks/step_breakdown.py profile [--threads 2 --rate 0.5 --bf16]
 
 phases: a real run of the recipe in one process, eager, with the trainer's forward+backward,
 optimiser step, gradient clipping and EMA timed (mean ms per step after the first 20), and the
@@ -13,8 +13,8 @@ the matmul path (``models.attention``), forward and backward, in float32 and bfl
 bench-256 and demo shapes. attention-compiled: the compiled bench-256 training step with SDPA
 everywhere and with the matmul path everywhere, in float32 and under bfloat16 autocast, in
 interleaved rounds (three steps of each per round, the first untimed; speed-ups are medians of
-per-round ratios, with quartiles). profile: the compiled bench-256 training step under
-torch.profiler, by operator.
+per-round ratios, with quartiles). profile: the compiled bench-256 training step (SDPA; --bf16:
+under bfloat16 autocast) under torch.profiler, by operator and by operator and input shapes.
 """
 
 from __future__ import annotations
@@ -146,18 +146,21 @@ def attention_compiled(threads: int, rounds: int = 10) -> None:
               f"{statistics.median(ratios):.3f}x SDPA's speed (quartiles over rounds {low:.3f}-{high:.3f})")
 
 
-def profile(threads: int, rate: float) -> None:
+def profile(threads: int, rate: float, bf16: bool) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     torch.set_num_threads(threads)
     model = torch.compile(bench_model())
-    step = make_step(model, False, rate, True, False, False, 8, 32, 32, model.config.ctx_dim, model.config.in_channels)
+    step = make_step(model, False, rate, True, bf16, False, 8, 32, 32, model.config.ctx_dim,
+                     model.config.in_channels)
     for _ in range(3):
         step()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(5):
             step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60, max_shapes_column_width=90))
 
 
 def main() -> None:
@@ -167,6 +170,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rate", type=float, default=0.5)
+    parser.add_argument("--bf16", action="store_true", help="profile: the step under bfloat16 autocast")
     args = parser.parse_args()
     if args.what == "phases":
         torch.set_num_threads(1)
@@ -176,7 +180,7 @@ def main() -> None:
     elif args.what == "attention-compiled":
         attention_compiled(args.threads)
     else:
-        profile(args.threads, args.rate)
+        profile(args.threads, args.rate, args.bf16)
 
 
 if __name__ == "__main__":

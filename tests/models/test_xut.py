@@ -207,3 +207,20 @@ def test_flops_follow_the_routed_token_count():
     assert 0.7 < routed / full < 0.85
     bigger = forward_flops(config, 64, 64, 256, 0.0)
     assert bigger > 3 * full
+
+
+def test_the_conditioning_runs_outside_autocast_and_compiles_under_it():
+    """The modulations stay float32 under bfloat16 autocast, and a model with both pooled-text and
+    aspect embeddings (whose last biases get identical gradients) compiles and trains under it:
+    inside autocast, inductor generated C++ for that pair that did not compile."""
+    torch.manual_seed(0)
+    model = XUT(XUTConfig.preset("xut-tiny", ctx_dim=16, pooled_text=True, depth=1, dec_blocks=1,
+                                 tread_pre_blocks=0, tread_post_blocks=0))
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 5, 16).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        mods = model._conditioning(t, None, ctx, 8, 8)
+        out = torch.compile(model)(x, t, ctx, tread_rate=0.5)
+    assert {m.dtype for kind in mods for m in kind} == {torch.float32}
+    out.float().square().mean().backward()
+    assert model.pooled_text_proj[2].bias.grad is not None
+    assert torch.equal(model.pooled_text_proj[2].bias.grad, model.addon_info_embs_proj[2].bias.grad)

@@ -275,6 +275,14 @@ class XUT(nn.Module):
         return block(*args)
 
     def _conditioning(self, t, aspect, ctx, height: int, width: int) -> Modulations:
+        """The shared adaLN modulations of (time, aspect, pooled text), computed outside autocast:
+        (B, 1, D) work is cheap in the weights' dtype, and under bfloat16 autocast torch.compile
+        mis-generates the identical bias gradients of the pooled-text and aspect embeddings (two
+        stores of one bfloat16 reduction; the generated C++ does not compile)."""
+        with torch.autocast(ctx.device.type, enabled=False):
+            return self._modulations(t, aspect, ctx, height, width)
+
+    def _modulations(self, t, aspect, ctx, height: int, width: int) -> Modulations:
         batch, device = ctx.shape[0], ctx.device
         t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1).expand(batch)
         cond = self.time_emb(t)

@@ -20,14 +20,14 @@ cross-attention float32: norm (1 + d), angles and table (3d/2), q upcast for RoP
 Where attention takes the matmul path (``models.attention``), each attention keeps its tokens²
 probabilities per head (float32, and under autocast their compute-dtype copy) instead of the
 log-sum-exp, and with more than one sample a contiguous copy of its values (d, compute) instead
-of (under autocast) its projection's output; and per sample a (1, d) float32 norm gain per modulated norm; per attention its RoPE
-frequencies;
-under autocast the compute-dtype copy of every weight matrix whose layer's input needs a gradient.
-Outside the blocks: the conditioning (time, aspect and pooled-text embeddings, the three shared
-adaLN networks, per sample), the noisy latents and text states (inputs of the patch embedding and
-text projection), the position maps, the routing's input and kept indices, the unpatch input, and
-the loss's prediction and target. With gradient checkpointing a block keeps only its input, and
-its tensors above exist while its backward runs.
+of (under autocast) its projection's output. Per sample a (1, d) float32 norm gain per modulated
+norm; per attention its RoPE frequencies; under autocast the compute-dtype copy of every weight
+matrix outside the conditioning whose layer's input needs a gradient. Outside the blocks: the conditioning
+(time, aspect and pooled-text embeddings, the three shared adaLN networks, per sample, float32:
+the model computes it outside autocast), the noisy latents and text states (inputs of the patch
+embedding and text projection), the position maps, the routing's input and kept indices, the
+unpatch input, and the loss's prediction and target. With gradient checkpointing a block keeps
+only its input, and its tensors above exist while its backward runs.
 
 ``peak_bytes`` walks a step: the end of the forward pass, then the backward pass block by block,
 where each block's tensors are freed as its parameters' gradients appear, plus a transient of
@@ -132,17 +132,18 @@ def _block(c: XUTConfig, name: str, shape: StepShape, tokens: int, cross: bool, 
                    shape.batch * tokens * transient, weights, casts)
 
 
-def _conditioning(c: XUTConfig, compute: int) -> int:
+def _conditioning(c: XUTConfig) -> int:
     """Per sample: the time embedding, aspect and pooled-text embeddings, and per shared adaLN
     network in use its LayerNorm's statistics, its layers' inputs (d, 4d, 4d) and the modulations
-    the blocks keep (1 + scale and 1 + gate)."""
+    the blocks keep (1 + scale and 1 + gate); all float32, as the model computes them outside
+    autocast."""
     d, kinds = c.dim, 3 if c.skip != "none" else 2  # without cross-attention its network's graph is dropped
     values = 2 * d + d + kinds * (9 * d + 2 * d)  # time embedding (2d), their sum (d), adaLN
     if c.aspect_embedding:
         values += 1 + 2 * d
     if c.pooled_text:
         values += c.ctx_dim + 2 * d
-    return compute * values + kinds * 2 * F32
+    return F32 * values + kinds * 2 * F32
 
 
 def block_weights(model) -> dict[str, tuple[int, int]]:
@@ -162,20 +163,20 @@ def block_weights(model) -> dict[str, tuple[int, int]]:
 
 def outside_casts(model) -> tuple[int, int]:
     """Weight-matrix values outside the blocks whose compute-dtype copies autograd keeps, and
-    those it does not (layers whose input needs no gradient: the text projection and the first
-    layer of the time, aspect and pooled-text embeddings; the cross-attention adaLN network of a
-    model without cross-attention, whose output is unused)."""
+    those it does not (the text projection, whose input needs no gradient). The conditioning
+    networks (time, aspect and pooled-text embeddings, shared adaLN) run outside autocast: no
+    copies."""
     from torch import nn
 
     from homediff.models.layers import Block
 
     inside = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters()}
-    unsaved_names = ("ctx_proj", "time_emb.proj.0", "addon_info_embs_proj.0", "pooled_text_proj.0")
-    unused = "shared_adaln_xattn." if model.config.skip == "none" else None  # computed, then dropped
+    uncast = ("time_emb.", "addon_info_embs_proj.", "pooled_text_proj.", "shared_adaln_")  # the conditioning
     kept = unsaved = 0
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and id(module.weight) not in inside:
-            if name in unsaved_names or (unused and name.startswith(unused)):
+        if (isinstance(module, (nn.Linear, nn.Conv2d)) and id(module.weight) not in inside
+                and not name.startswith(uncast)):
+            if name == "ctx_proj":
                 unsaved += module.weight.numel()
             else:
                 kept += module.weight.numel()
@@ -196,7 +197,7 @@ def activations(model, shape: StepShape) -> Activations:
     latent = shape.channels * shape.height * shape.width
     # the conditioning, the inputs of the patch embedding and text projection (noisy latents, text
     # states), the position map of the whole sequence, and weight copies outside the blocks
-    before = b * (_conditioning(c, compute) + compute * (latent + shape.text_tokens * c.ctx_dim)
+    before = b * (_conditioning(c) + compute * (latent + shape.text_tokens * c.ctx_dim)
                   + full * 2 * F32) + (kept_casts * compute if shape.autocast else 0)
     if routed:  # the sequence entering the routing, the kept tokens' positions and indices
         entering = F32 if c.tread_pre_blocks else compute
