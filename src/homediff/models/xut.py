@@ -279,7 +279,10 @@ class XUT(nn.Module):
         (B, 1, D) work is cheap in the weights' dtype, and under bfloat16 autocast torch.compile
         mis-generates the identical bias gradients of the pooled-text and aspect embeddings (two
         stores of one bfloat16 reduction; the generated C++ does not compile)."""
-        with torch.autocast(ctx.device.type, enabled=False):
+        device = ctx.device.type
+        if not torch.amp.is_autocast_available(device):  # the meta device (FLOP counts, plans)
+            return self._modulations(t, aspect, ctx, height, width)
+        with torch.autocast(device, enabled=False):
             return self._modulations(t, aspect, ctx, height, width)
 
     def _modulations(self, t, aspect, ctx, height: int, width: int) -> Modulations:
