@@ -87,7 +87,7 @@ def test_a_non_finite_compiled_loss_goes_back_to_eager():
     assert again._remembered().failed
     _, ran = _simulate(again, eager=1.0, compiled=0.5)
     assert set(ran) == {"eager"} and again.decision == "eager"
-    assert "non-finite loss here before" in said[-1]
+    assert "torch.compile failed here before" in said[-1]
 
 
 def test_kernels_for_a_restricted_instruction_set_are_cached_apart(monkeypatch, tmp_path):
@@ -141,3 +141,40 @@ def test_the_trainer_switches_its_backbone_as_decided(assets, tmp_path, monkeypa
     assert trainer.compiler.decision == "eager"
     losses = [loss for _, loss in trainer.progress.losses]
     assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_compile_error_is_remembered_and_its_step_redone_eagerly(assets, tmp_path, monkeypatch):
+    """torch.compile's own error (here inductor's, as when its generated C++ does not compile) in
+    the first compiled step: one process redoes that step eagerly and trains on; the failure is
+    remembered, so the next run of the same configuration here does not compile at all."""
+    from torch._inductor.exc import InductorError
+
+    from homediff.training import loop
+
+    class Broken(torch.nn.Module):
+        def __init__(self, eager):
+            super().__init__()
+            self._orig_mod = eager
+
+        def forward(self, *args, **kwargs):
+            raise InductorError(RuntimeError("C++ compile error"), None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing remembered by other tests
+    monkeypatch.setattr(loop, "compile_backbone", Broken)
+    monkeypatch.setattr(compiling, "PRIOR_COMPILE_SECONDS", 0.0)
+    steps = DECIDES_AT + 3
+    stages = [{"resolution": 8, "batch_size": 4, "lr": 0.5, "steps": steps, "tread_rate": 0.5}]
+    config = tiny_config(*assets, stages=stages, optimizer={"name": "adamw"})
+    trainer = Trainer(config, tmp_path / "run")
+    said = []
+    monkeypatch.setattr(trainer.monitor, "say", said.append)
+    trainer.run()
+    assert [step for step, _ in trainer.progress.losses] == list(range(1, steps + 1))
+    assert trainer.compiler.decision == "eager" and not isinstance(trainer.model, Broken)
+    assert any("torch.compile failed: InductorError: RuntimeError: C++ compile error" in line for line in said)
+
+    def never(eager):
+        raise AssertionError("a remembered failure must not be compiled again")
+    monkeypatch.setattr(loop, "compile_backbone", never)
+    again = Trainer(config, tmp_path / "again")
+    again.run()
+    assert again.compiler.decision == "eager" and len(again.progress.losses) == steps

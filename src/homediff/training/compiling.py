@@ -17,6 +17,11 @@ gain differs by machine and model. ``"auto"`` (the default) therefore measures, 
    Otherwise training goes on eagerly. The measurement is remembered, so that the next run here
    expects what this one found (and does not try where compiling did not pay).
 
+An error of torch.compile itself (``is_compile_error``: a compiler bug, e.g. generated C++ that does
+not compile) is remembered as a failure like a compiled step's non-finite loss; one process then
+redoes the step eagerly and trains on, several stop with that advice (their data-parallel step is
+half done), and the same run started again trains eagerly.
+
 Every process takes the same decision (timings are averaged over processes), at the same step.
 The decision holds for the rest of the run (later stages recompile for their shapes). ``true``
 compiles from the first step, ``false`` never compiles.
@@ -48,6 +53,14 @@ METHOD = 3  # how a measurement is made: measurements made another way are not r
 # (3: failures are marked as such, and an emulated instruction set no longer reuses native kernels)
 
 
+def is_compile_error(error: BaseException) -> bool:
+    """Whether ``error`` is torch.compile's own (its compiler or its generated code failed), not
+    the model's or the data's."""
+    from torch._dynamo.exc import BackendCompilerFailed  # inductor's InductorError among them
+
+    return isinstance(error, BackendCompilerFailed)
+
+
 def compile_backbone(module: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile(module)``, its generated kernels cached apart per CPU instruction-set
     setting (``separate_kernel_cache``)."""
@@ -76,7 +89,7 @@ class Measurement:
 
     saving: float  # 1 - compiled step time / eager step time (negative: compiled is slower; 0 if failed)
     compile_seconds: float
-    failed: bool = False  # a compiled step gave a non-finite loss
+    failed: bool = False  # compiling raised an error, or a compiled step gave a non-finite loss
 
 
 class AutoCompile:
@@ -117,11 +130,12 @@ class AutoCompile:
             return self._switch("compiled" if self.running == "eager" else "eager")
         return None
 
-    def failed(self) -> str | None:
-        """A non-finite loss: where the compiled backbone ran that step, back to eager steps."""
+    def failed(self, why: str = "a compiled step gave a non-finite loss") -> str | None:
+        """A non-finite loss, or (``why``) an error of torch.compile: where the compiled backbone
+        ran that step, back to eager steps, and remembered so that no run here tries again."""
         if self.phase not in ("compiling", "comparing") or self.running != "compiled":
             return None
-        self._finish("eager", "a compiled step gave a non-finite loss")
+        self._finish("eager", why)
         self._remember(Measurement(saving=0.0, compile_seconds=self.compile_seconds, failed=True))
         return self._switch("eager")
 
@@ -135,8 +149,8 @@ class AutoCompile:
         expected = remembered or Measurement(PRIOR_SAVING, PRIOR_COMPILE_SECONDS)
         source = "measured here before" if remembered else "expected"
         if expected.failed:
-            self._finish("eager", "a compiled step gave a non-finite loss here before; "
-                         "train.compile = true compiles anyway")
+            self._finish("eager", "torch.compile failed here before (an error, or a compiled step's "
+                         "non-finite loss); train.compile = true compiles anyway")
             return None
         if seconds_left * expected.saving <= expected.compile_seconds:
             self._finish("eager", f"{seconds_left:.0f} s of training left at "

@@ -45,7 +45,7 @@ from homediff.training import infrastructure, sharding
 from homediff.training.batches import step_batches
 from homediff.training.alignment import Aligner
 from homediff.training.checkpoint import Checkpoint, Progress, rng_state
-from homediff.training.compiling import AutoCompile, compile_backbone
+from homediff.training.compiling import AutoCompile, compile_backbone, is_compile_error
 from homediff.training.components import Builders, Components
 from homediff.training.config import StageConfig, TrainConfig, to_toml
 from homediff.training.export import adapters, export_run, final_weights, model_copy
@@ -168,7 +168,12 @@ class Trainer:
             for micro_batches in step_batches(self.stream, self.progress, stage.grad_accum,
                                               self.accelerator.num_processes, self.signals.waiting,
                                               self._batch_seen(callback)):
-                loss = self._backward(micro_batches, parts, settings)
+                try:
+                    loss = self._backward(micro_batches, parts, settings)
+                except Exception as error:
+                    if not (self.compiler and self.compiler.running == "compiled" and is_compile_error(error)):
+                        raise
+                    loss = self._after_compile_error(error, optimizer, micro_batches, parts, settings)
                 set_lr(optimizer, stage.lr, lr_multiplier(self.progress.stage_step, total, warmup, low))
                 if not torch.isfinite(self.accelerator.reduce(loss, "mean")):
                     bad_steps = self._skip_step(optimizer, bad_steps + 1)
@@ -243,6 +248,20 @@ class Trainer:
                 self.accelerator.backward(loss / len(micro_batches))
             losses.append(loss.detach())
         return torch.stack(losses).mean()
+
+    def _after_compile_error(self, error: Exception, optimizer: torch.optim.Optimizer,
+                             micro_batches: list[dict], parts: Components, settings: LossSettings):
+        """torch.compile failed on the backbone (``training.compiling``): remembered; one process
+        redoes the step eagerly and returns its loss, several stop with the advice to start again."""
+        optimizer.zero_grad(set_to_none=True)
+        summary = " ".join(str(error).split())[:300]
+        self._switch_backbone(self.compiler.failed(f"torch.compile failed: {type(error).__name__}: "
+                                                   f"{summary}"), parts)
+        if self.accelerator.num_processes > 1:
+            raise TrainingStopped("torch.compile failed on this model here (see above); remembered, "
+                                  "so the same command started again trains eagerly (or set "
+                                  "train.compile = false)") from error
+        return self._backward(micro_batches, parts, settings)
 
     def _skip_step(self, optimizer: torch.optim.Optimizer, bad_steps: int) -> int:
         """Drop a step whose loss is not finite; stop after ``max_bad_steps`` in a row."""
