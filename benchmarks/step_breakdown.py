@@ -2,7 +2,8 @@
 (benchmarks/RESULTS.md, "Leads for the last steps of speed" and "Attention by matrix products").
 
     python benchmarks/step_breakdown.py phases [--config configs/tiny-emoji.toml --steps 80]
-    python benchmarks/step_breakdown.py attention [--threads 1|2]
+    python benchmarks/step_breakdown.py attention [--threads 1|2 --compile]
+    python benchmarks/step_breakdown.py probe [--dtypes float32,bfloat16]
     python benchmarks/step_breakdown.py attention-compiled [--threads 2]
     python benchmarks/step_breakdown.py profile [--threads 2 --rate 0.5 --bf16]
 
@@ -10,7 +11,8 @@ phases: a real run of the recipe in one process, eager, with the trainer's forwa
 optimiser step, gradient clipping and EMA timed (mean ms per step after the first 20), and the
 Newton-Schulz FLOPs of its Muon matrices beside the model's FLOPs per step. attention: SDPA against
 the matmul path (``models.attention``), forward and backward, in float32 and bfloat16, at the
-bench-256 and demo shapes. attention-compiled: the compiled bench-256 training step with SDPA
+bench-256 and demo shapes, eager or compiled. probe: the trainer's attention probe over the
+bench-256 and tiny-emoji steps' attention layers. attention-compiled: the compiled bench-256 training step with SDPA
 everywhere and with the matmul path everywhere, in float32 and under bfloat16 autocast, in
 interleaved rounds (three steps of each per round, the first untimed; speed-ups are medians of
 per-round ratios, with quartiles). profile: the compiled bench-256 training step (SDPA; --bf16:
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from homediff.models import XUT, XUTConfig
+from homediff.models import attention as attention_paths
 from homediff.models.attention import matmul_attention
 from model_step import make_step
 
@@ -88,13 +91,14 @@ def phases(config_path: Path, steps: int) -> None:
           "GFLOP per step of one process")
 
 
-def attention(threads: int, rounds: int = 15) -> None:
+def attention(threads: int, compiled: bool, rounds: int = 15) -> None:
     torch.set_num_threads(threads)
     paths = {"sdpa": F.scaled_dot_product_attention, "matmul": matmul_attention}
     for shape in [(8, 4, 288, 64), (8, 4, 160, 64), (32, 4, 84, 32), (32, 4, 52, 32)]:
         steps = {}
         for dtype in (torch.float32, torch.bfloat16):
             for name, path in paths.items():
+                path = torch.compile(path) if compiled else path
                 q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
                 grad = torch.randn(shape, dtype=dtype)
                 steps[f"{name} {str(dtype)[6:]}"] = (
@@ -106,7 +110,21 @@ def attention(threads: int, rounds: int = 15) -> None:
                 step()
                 if round_ >= 2:
                     times[name].append(time.perf_counter() - start)
-        print(shape, threads, "threads", {n: round(1000 * statistics.median(t), 2) for n, t in times.items()})
+        print(shape, threads, "threads", "compiled" if compiled else "eager",
+              {n: round(1000 * statistics.median(t), 2) for n, t in times.items()})
+
+
+def probe(dtypes: list[torch.dtype], repeats: int = 2) -> None:
+    """What the trainer's attention probe measures (``models.attention.matmul_speedup``) for the
+    bench-256 step at routing 0.5 on 2 threads and the tiny-emoji recipe's on 1, each twice."""
+    recipe = XUT(XUTConfig.preset("xut-tiny", patch_size=4, pooled_text=True, in_channels=3, ctx_dim=384))
+    for name, model, threads, shape in (("bench-256", bench_model(), 2, (8, 32, 32, 32, 0.5)),
+                                        ("tiny-emoji", recipe, 1, (32, 32, 32, 20, 0.5))):
+        torch.set_num_threads(threads)
+        layers = model.attention_layers(*shape)
+        for _ in range(repeats):
+            found = {str(d)[6:]: round(attention_paths.matmul_speedup(layers, d, "cpu"), 2) for d in dtypes}
+            print(name, threads, "threads", attention_paths.describe(layers), found)
 
 
 def bench_model() -> XUT:
@@ -165,18 +183,22 @@ def profile(threads: int, rate: float, bf16: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("what", choices=["phases", "attention", "attention-compiled", "profile"])
+    parser.add_argument("what", choices=["phases", "attention", "attention-compiled", "probe", "profile"])
     parser.add_argument("--config", type=Path, default=Path("configs/tiny-emoji.toml"))
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rate", type=float, default=0.5)
     parser.add_argument("--bf16", action="store_true", help="profile: the step under bfloat16 autocast")
+    parser.add_argument("--compile", action="store_true", help="attention: the compiled kernels")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="probe: the dtypes timed")
     args = parser.parse_args()
     if args.what == "phases":
         torch.set_num_threads(1)
         phases(args.config, args.steps)
     elif args.what == "attention":
-        attention(args.threads)
+        attention(args.threads, args.compile)
+    elif args.what == "probe":
+        probe([getattr(torch, name) for name in args.dtypes.split(",")])
     elif args.what == "attention-compiled":
         attention_compiled(args.threads)
     else:
