@@ -4,6 +4,7 @@
     python benchmarks/step_breakdown.py phases [--config configs/tiny-emoji.toml --steps 80]
     python benchmarks/step_breakdown.py attention [--threads 1|2 --compile]
     python benchmarks/step_breakdown.py probe [--dtypes float32,bfloat16]
+    python benchmarks/step_breakdown.py autocast
     python benchmarks/step_breakdown.py attention-compiled [--threads 2]
     python benchmarks/step_breakdown.py profile [--threads 2 --rate 0.5 --bf16]
 
@@ -12,7 +13,8 @@ optimiser step, gradient clipping and EMA timed (mean ms per step after the firs
 Newton-Schulz FLOPs of its Muon matrices beside the model's FLOPs per step. attention: SDPA against
 the matmul path (``models.attention``), forward and backward, in float32 and bfloat16, at the
 bench-256 and demo shapes, eager or compiled. probe: the trainer's attention probe over the
-bench-256 and tiny-emoji steps' attention layers. attention-compiled: the compiled bench-256 training step with SDPA
+bench-256 and tiny-emoji steps' attention layers. autocast: the tiny-emoji recipe's mixed-precision
+decision with the attention path as measured and with SDPA kept. attention-compiled: the compiled bench-256 training step with SDPA
 everywhere and with the matmul path everywhere, in float32 and under bfloat16 autocast, in
 interleaved rounds (three steps of each per round, the first untimed; speed-ups are medians of
 per-round ratios, with quartiles). profile: the compiled bench-256 training step (SDPA; --bf16:
@@ -127,6 +129,27 @@ def probe(dtypes: list[torch.dtype], repeats: int = 2) -> None:
             print(name, threads, "threads", attention_paths.describe(layers), found)
 
 
+def autocast_choice() -> None:
+    """The tiny-emoji recipe's CPU mixed-precision decision on one thread, as each demo process
+    makes it (nothing remembered): with the attention path chosen by measurement, and with SDPA
+    kept everywhere (the trainer before the matmul path)."""
+    import logging
+    import os
+
+    from homediff.app.demo import recipe
+    from homediff.training.config import load_config
+    from homediff.training.precisions import choose_precisions
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    torch.set_num_threads(1)
+    config = load_config(recipe("tiny-emoji"))
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["XDG_CACHE_HOME"] = cache
+        print("attention as measured:", choose_precisions(config, torch.device("cpu")).describe())
+        attention_paths.choose_matmul_dtypes = lambda *args, **kwargs: (frozenset(), "SDPA (kept)")
+        print("SDPA kept:", choose_precisions(config, torch.device("cpu")).describe())
+
+
 def bench_model() -> XUT:
     torch.manual_seed(0)
     return XUT(XUTConfig.from_hdm_config(json.loads(BENCH.read_text())))
@@ -183,7 +206,7 @@ def profile(threads: int, rate: float, bf16: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("what", choices=["phases", "attention", "attention-compiled", "probe", "profile"])
+    parser.add_argument("what", choices=["phases", "attention", "attention-compiled", "probe", "autocast", "profile"])
     parser.add_argument("--config", type=Path, default=Path("configs/tiny-emoji.toml"))
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--threads", type=int, default=2)
@@ -197,6 +220,8 @@ def main() -> None:
         phases(args.config, args.steps)
     elif args.what == "attention":
         attention(args.threads, args.compile)
+    elif args.what == "autocast":
+        autocast_choice()
     elif args.what == "probe":
         probe([getattr(torch, name) for name in args.dtypes.split(",")])
     elif args.what == "attention-compiled":
