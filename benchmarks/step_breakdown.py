@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from homediff.models import XUT, XUTConfig
 from homediff.models import attention as attention_paths
 from homediff.models.attention import matmul_attention
-from model_step import make_step
+from model_step import make_step, recipe_model
 
 BENCH = Path(__file__).parent / "archs" / "bench-256.json"
+RECIPE = Path(__file__).parent.parent / "src" / "homediff" / "recipes" / "tiny-emoji.toml"
 
 
 def phases(config_path: Path, steps: int) -> None:
@@ -119,9 +120,10 @@ def attention(threads: int, compiled: bool, rounds: int = 15) -> None:
 def probe(dtypes: list[torch.dtype], repeats: int = 2) -> None:
     """What the trainer's attention probe measures (``models.attention.matmul_speedup``) for the
     bench-256 step at routing 0.5 on 2 threads and the tiny-emoji recipe's on 1, each twice."""
-    recipe = XUT(XUTConfig.preset("xut-tiny", patch_size=4, pooled_text=True, in_channels=3, ctx_dim=384))
+    config, sizes = recipe_model(RECIPE)
+    recipe = (sizes["batch"], sizes["size"], sizes["size"], sizes["text_tokens"], 0.5)
     for name, model, threads, shape in (("bench-256", bench_model(), 2, (8, 32, 32, 32, 0.5)),
-                                        ("tiny-emoji", recipe, 1, (32, 32, 32, 20, 0.5))):
+                                        ("tiny-emoji", XUT(config), 1, recipe)):
         torch.set_num_threads(threads)
         layers = model.attention_layers(*shape)
         for _ in range(repeats):

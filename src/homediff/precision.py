@@ -67,12 +67,17 @@ class Choice:
 
     @property
     def name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        return dtype_name(self.dtype)
 
     def __str__(self) -> str:
         how = (f"bfloat16 measured {self.speedup:.2f}× float32's speed" if self.speedup is not None
                else "by device capability")
         return f"{self.what}: {self.name} ({how})"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype by the name ``DTYPES`` knows it by: "float32", "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def seconds(fn: Callable[[], object], device: torch.device, repeats: int = 3,
@@ -192,7 +197,7 @@ def attention_speedup(layers: str, dtype: torch.dtype, device: torch.device | st
     device = torch.device(device)
     if _injected:
         return _injected[-1][1](layers, dtype, device)
-    name = f"attention {layers} {str(dtype).removeprefix('torch.')} {torch.get_num_threads()} threads"
+    name = f"attention {layers} {dtype_name(dtype)} {torch.get_num_threads()} threads"
     return _remembered(name, device, measure)
 
 

@@ -123,7 +123,7 @@ def test_the_choice_follows_the_measured_speedup_per_dtype():
 
 def test_layers_above_the_score_budget_are_left_out_and_without_any_nothing_is_measured():
     large, small = (1, 16, 4096, 64), (1, 16, 256, 64)
-    assert not attention.fits(large) and attention.fits(small)
+    assert not attention.fits(1, 16, 4096, 4096) and attention.fits(1, 16, 256, 256)
     block, asked = injected({torch.bfloat16: 3.0})
     with block:
         assert choose_matmul_dtypes(((large, 4), (small, 8)), [torch.bfloat16], "cpu")[0] == {torch.bfloat16}

@@ -48,8 +48,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention over (B, N, H, Dh) tensors, returning (B, N, H·Dh): the matmul path where q's dtype
     is in ``matmul_dtypes`` and the scores are at most ``MAX_SCORES``, else SDPA."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    batch, heads, queries, _ = q.shape
-    if q.dtype in matmul_dtypes and batch * heads * queries * k.shape[2] <= MAX_SCORES:
+    if q.dtype in matmul_dtypes and fits(*q.shape[:3], k.shape[2]):
         out = matmul_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
@@ -60,10 +59,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 Layers = tuple[tuple[tuple[int, int, int, int], int], ...]
 
 
-def fits(shape: tuple[int, int, int, int]) -> bool:
-    """Whether attention of (B, H, N, Dh) may take the matmul path (scores at most ``MAX_SCORES``)."""
-    batch, heads, tokens, _ = shape
-    return batch * heads * tokens * tokens <= MAX_SCORES
+def fits(batch: int, heads: int, queries: int, keys: int) -> bool:
+    """Whether an attention may take the matmul path: at most ``MAX_SCORES`` scores."""
+    return batch * heads * queries * keys <= MAX_SCORES
 
 
 def matmul_speedup(layers: Layers, dtype: torch.dtype, device: torch.device | str,
@@ -101,16 +99,16 @@ def choose_matmul_dtypes(layers: Layers, dtypes: Iterable[torch.dtype], device: 
     device = torch.device(device)
     if device.type != "cpu":
         return frozenset(), "SDPA (GPU)"
-    layers = tuple((tuple(shape), count) for shape, count in layers if fits(shape))
+    layers = tuple((tuple(shape), count) for shape, count in layers if fits(*shape[:3], shape[2]))
     if not layers:
         return frozenset(), f"SDPA (every layer has more than {MAX_SCORES} scores)"
     chosen, found = set(), []
     for dtype in dtypes:
         speedup = agree(precision.attention_speedup(
             describe(layers), dtype, device, lambda dtype=dtype: matmul_speedup(layers, dtype, device)))
-        found.append(f"{str(dtype).removeprefix('torch.')} {speedup:.2f}×")
+        found.append(f"{precision.dtype_name(dtype)} {speedup:.2f}×")
         if speedup >= MIN_SPEEDUP:
             chosen.add(dtype)
-    path = ", ".join(sorted(str(d).removeprefix("torch.") for d in chosen)) or "none"
+    path = ", ".join(sorted(map(precision.dtype_name, chosen))) or "none"
     return frozenset(chosen), (f"matrix products in: {path} (their speed over SDPA's for "
                                f"{describe(layers)}: {', '.join(found)})")

@@ -201,7 +201,6 @@ class XUT(nn.Module):
     def __init__(self, config: XUTConfig):
         super().__init__()
         self.config = c = config
-        self.matmul_attention_dtypes: frozenset[torch.dtype] = frozenset()  # see use_matmul_attention
 
         def make_block(cross: bool = False) -> Block:
             return Block(c.dim, c.head_dim, c.mlp_dim, c.rope_init, cross=cross)
@@ -241,13 +240,20 @@ class XUT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _attentions(self):
+        return (m for m in self.modules() if isinstance(m, (SelfAttention, CrossAttention)))
+
     def use_matmul_attention(self, dtypes) -> None:
         """Compute attention by the matmul path in these dtypes (``models.attention``), by SDPA in
         any other; none (the default): SDPA everywhere."""
-        self.matmul_attention_dtypes = frozenset(dtypes)
-        for module in self.modules():
-            if isinstance(module, (SelfAttention, CrossAttention)):
-                module.matmul_dtypes = self.matmul_attention_dtypes
+        dtypes = frozenset(dtypes)
+        for module in self._attentions():
+            module.matmul_dtypes = dtypes
+
+    @property
+    def matmul_attention_dtypes(self) -> frozenset[torch.dtype]:
+        """The dtypes in which attention takes the matmul path (``use_matmul_attention``)."""
+        return next(self._attentions()).matmul_dtypes
 
     def attention_layers(self, batch: int, height: int, width: int, text_tokens: int,
                          tread_rate: float) -> tuple[tuple[tuple[int, int, int, int], int], ...]:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from homediff.models.attention import MAX_SCORES
+from homediff.models.attention import fits
 from homediff.models.tread import kept_count
 from homediff.models.xut import XUTConfig
 
@@ -116,7 +116,7 @@ def _block(c: XUTConfig, name: str, shape: StepShape, tokens: int, cross: bool, 
     casts = matrix_weights * shape.compute if shape.autocast else 0
     per_sample = tokens * per_token + norms * c.dim * F32
     heads = c.dim // c.head_dim
-    if shape.matmul_attention and shape.batch * heads * tokens * tokens <= MAX_SCORES:
+    if shape.matmul_attention and fits(shape.batch, heads, tokens, tokens):
         # the float32 softmax output and, under autocast, its compute-dtype copy, for each
         # attention's tokens² scores per head, where SDPA keeps a log-sum-exp per token and head
         probabilities = F32 + (shape.compute if shape.autocast else 0)

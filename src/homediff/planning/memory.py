@@ -205,7 +205,7 @@ def _matmul_attention(model, batch: int, side: int, stage, autocast: str | None,
     layers = model.attention_layers(batch, side, side, stage.text_length, stage.tread_rate)
     dtypes = [torch.float32] + ([precision.DTYPES[autocast]] if autocast else [])
     chosen, _ = attention.choose_matmul_dtypes(layers, dtypes, "cpu")
-    return sorted(str(dtype).removeprefix("torch.") for dtype in chosen)
+    return sorted(map(precision.dtype_name, chosen))
 
 
 @functools.lru_cache(maxsize=8)

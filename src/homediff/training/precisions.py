@@ -89,8 +89,7 @@ def choose_precisions(config: TrainConfig, device: torch.device, parts: tuple | 
             autocast = _choose_autocast(config, model, text_encoder.dim, latent_channels,
                                         latent_factor, device, agree)
         computed = {torch.float32} | ({precision.DTYPES[autocast]} if autocast else set())
-        matmul_attention = tuple(sorted(str(dtype).removeprefix("torch.")
-                                        for dtype in model.matmul_attention_dtypes & computed))
+        matmul_attention = tuple(sorted(map(precision.dtype_name, model.matmul_attention_dtypes & computed)))
     model.use_matmul_attention(precision.DTYPES[name] for name in matmul_attention)
     muon = None
     if config.optimizer.name == "muon":
@@ -99,7 +98,7 @@ def choose_precisions(config: TrainConfig, device: torch.device, parts: tuple | 
         muon = muon or precision.choose_matmul_dtype(
             setting, device, _newton_schulz_shape(model), "Muon's Newton-Schulz iteration",
             agree=agree).name
-    text = str(text_encoder.model.dtype).removeprefix("torch.")
+    text = precision.dtype_name(text_encoder.model.dtype)
     if config.text_encoder.options.dtype == "auto" and reuse:
         text = reuse.text
         text_encoder.to(dtype=precision.DTYPES[text])
